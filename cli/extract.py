@@ -1,0 +1,90 @@
+"""`embcache extract` and `embcache bench extract`."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from embcache.cli.common import parse_options, user_errors
+from embcache.datasets import DATASET_NAMES, DatasetError
+from embcache.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, EncoderError
+from embcache.store import StoreError
+
+
+def encoder_options(fn):
+    """Flags shared by every command that builds the encoders."""
+    options = [
+        click.option("--image-encoder", default=DEFAULT_IMAGE_ENCODER, show_default=True,
+                     help="timm:<arch> or open_clip:<arch>."),
+        click.option("--image-checkpoint", default=None,
+                     help="Local weights file (timm), or an open_clip pretrained tag/file."),
+        click.option("--image-bitfit", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help="BitFit bias-delta file (safetensors) to apply to the image encoder."),
+        click.option("--text-encoder", default=DEFAULT_TEXT_ENCODER, show_default=True,
+                     help="hf:<model id or local folder>."),
+        click.option("--text-pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True),
+        click.option("--text-max-length", type=int, default=128, show_default=True),
+        click.option("--text-bitfit", default=None, type=click.Path(exists=True, dir_okay=False)),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _config(dataset, root, out, option, **kw):
+    from embcache.extract import ExtractConfig
+
+    return ExtractConfig(dataset=dataset, root=root, out=out, dataset_options=parse_options(option), **kw)
+
+
+@click.command("extract")
+@click.option("--dataset", type=click.Choice(DATASET_NAMES), required=True,
+              help="Reader for the dataset layout (manifest = your own JSONL/CSV).")
+@click.option("--root", required=True, type=click.Path(exists=True),
+              help="Dataset folder (or the manifest file for --dataset manifest).")
+@click.option("--out", required=True, help="Zarr store to write (path or fsspec URL).")
+@encoder_options
+@click.option("--batch-size", type=int, default=None, help="Default: 64 on CPU, 256 on GPU.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Loader processes (decode, tokenize).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--chunk-rows", type=int, default=None, help="Rows per Zarr chunk (default: about 4 MB chunks).")
+@click.option("--overwrite", is_flag=True, help="Replace a store made with other encoders or data.")
+@click.option("--option", multiple=True, metavar="KEY=VALUE", help="Reader option, e.g. val_fraction=0.1.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors(DatasetError, EncoderError, StoreError, ValueError)
+def extract_command(dataset, root, out, option, quiet, **kw):
+    """Run the frozen encoders once over a dataset and write the feature cache (docs/cache-format.md)."""
+    from embcache.extract import extract
+
+    report = extract(_config(dataset, root, out, option, **kw), progress=not quiet, log=click.echo)
+    if report.skipped:
+        return
+    click.echo(f"wrote {report.n_rows} rows to {report.out} in {report.seconds:.1f} s "
+               f"({report.samples_per_s:.1f} samples/s)")
+    for m, count in report.present.items():
+        click.echo(f"  {m}: {count} present, {report.n_rows - count} absent")
+    if report.problems:
+        click.echo("  problems: " + ", ".join(f"{k} {v}" for k, v in report.problems.items()))
+
+
+@click.command("extract")
+@click.option("--dataset", type=click.Choice(DATASET_NAMES), default="manifest", show_default=True)
+@click.option("--root", default="data/demo/manifest.jsonl", show_default=True, type=click.Path(exists=True))
+@encoder_options
+@click.option("--batch-size", type=int, default=None)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--limit", type=int, default=None, help="Use only the first N samples.")
+@click.option("--json", "json_path", default=None, help="Also write the figures here.")
+@user_errors(DatasetError, EncoderError, StoreError, ValueError)
+def extract_bench_command(dataset, root, limit, json_path, **kw):
+    """Whole-pipeline samples/s against the encoders' pure forward throughput at the same batch size."""
+    from embcache.bench_extract import run_extract_bench
+
+    result = run_extract_bench(_config(dataset, root, "", (), **kw), limit=limit)
+    for line in result["table"]:
+        click.echo(line)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump({k: v for k, v in result.items() if k != "table"}, fh, indent=2)

@@ -1,0 +1,24 @@
+"""The `embcache` command line: one job per command, each in its own module."""
+from __future__ import annotations
+
+import click
+
+from embcache.cli.extract import extract_command, extract_bench_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="embcache")
+def main() -> None:
+    """Cache frozen-encoder features once, then train missing-modality predictors and fusion on them."""
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks: extract throughput, fit speed, VICReg kernels."""
+
+
+main.add_command(extract_command)
+bench.add_command(extract_bench_command)
+
+if __name__ == "__main__":
+    main()

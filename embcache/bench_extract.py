@@ -1,0 +1,84 @@
+"""`embcache bench extract`: is the encoder ever left waiting?
+
+Compares the whole pipeline (read, decode, tokenize, encode, write) with the encoders' pure forward throughput on
+tensors made beforehand, at the same batch size and device. A ratio near 1 means decoding, tokenizing and writing
+are hidden behind the encoders.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import tempfile
+import time
+
+import torch
+
+from embcache import datasets as ds
+from embcache.extract import ExtractConfig, extract, load_encoders, resolve_device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def pure_forward_seconds(cfg: ExtractConfig, dataset: ds.Dataset, batch_size: int, device: torch.device) -> dict:
+    """Time the encoders alone on the batches the pipeline would feed them, inputs already on the device."""
+    encoders = {m: e.to(device) for m, e in load_encoders(cfg).items()}
+    n_images = sum(s.image is not None for s in dataset.samples)
+    texts = [s.text for s in dataset.samples if s.text is not None]
+    size = encoders["image"].attrs["preprocess"]["size"]
+    pixels = torch.randn(batch_size, 3, size, size, device=device)
+    token_batches = [encoders["text"].preprocess(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+    token_batches = [{k: v.to(device) for k, v in b.items()} for b in token_batches]
+    encoders["image"].encode(pixels[:2], device)  # warm-up (lazy init, kernel selection)
+    timings = {}
+    _sync(device)
+    start = time.perf_counter()
+    full, rest = divmod(n_images, batch_size)
+    for _ in range(full):
+        encoders["image"].encode(pixels, device)
+    if rest:
+        encoders["image"].encode(pixels[:rest], device)
+    _sync(device)
+    timings["image"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for tokens in token_batches:
+        encoders["text"].encode(tokens, device)
+    _sync(device)
+    timings["text"] = time.perf_counter() - start
+    return timings
+
+
+def run_extract_bench(cfg: ExtractConfig, limit: int | None = None) -> dict:
+    dataset = ds.open_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
+    if limit:
+        dataset.samples = dataset.samples[:limit]
+    n = len(dataset.samples)
+    device = resolve_device(cfg.device)
+    batch_size = cfg.batch_size or (256 if device.type == "cuda" else 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.out, cfg.limit, cfg.overwrite, cfg.batch_size = f"{tmp}/bench.zarr", limit, True, batch_size
+        report = extract(cfg, progress=False, log=lambda *_: None)
+    pure = pure_forward_seconds(cfg, dataset, batch_size, device)
+    pure_rate = n / sum(pure.values())
+    ratio = report.samples_per_s / pure_rate
+    result = {
+        "samples": n, "batch_size": batch_size, "device": str(device), "workers": cfg.workers,
+        "pipeline_samples_per_s": round(report.samples_per_s, 2),
+        "pure_forward_samples_per_s": round(pure_rate, 2),
+        "pure_forward_seconds": {k: round(v, 3) for k, v in pure.items()},
+        "ratio": round(ratio, 3),
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads"
+                   + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
+        "torch": torch.__version__,
+        "encoders": {"image": cfg.image_encoder, "text": cfg.text_encoder},
+    }
+    result["table"] = [
+        f"extract bench: {n} samples, batch {batch_size}, {device}, {cfg.workers} loader workers",
+        f"  pipeline (read+decode+tokenize+encode+write): {result['pipeline_samples_per_s']:>9.1f} samples/s",
+        f"  encoders alone on pre-made tensors:           {result['pure_forward_samples_per_s']:>9.1f} samples/s"
+        f"  (image {pure['image']:.2f} s, text {pure['text']:.2f} s)",
+        f"  ratio: {ratio:.2f}" + ("" if math.isfinite(ratio) else " (undefined)"),
+    ]
+    return result

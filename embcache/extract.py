@@ -1,0 +1,334 @@
+"""`embcache extract`: run the frozen encoders once over a dataset and write the feature cache.
+
+The pipeline has three stages that overlap:
+  loader workers (processes)  read + decode + resize images, tokenize texts      -> batches
+  main process                runs the encoders on the device                      -> embeddings
+  writer thread               buffers rows and writes whole chunks to Zarr         -> store
+so the encoder is rarely left waiting for input or output.
+"""
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from embcache import datasets as ds
+from embcache import store as st
+from embcache.encoders import (DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, Encoder, load_image_encoder,
+                               load_text_encoder)
+
+# Absence reasons the extractor itself can find (the dataset readers report the others).
+DECODE_REASONS = ("undecodable_image", "truncated_image", "oversized_image")
+BASE_REASONS = ("present", "missing_field", "missing_file", "empty_text", "non_utf8_text") + DECODE_REASONS
+
+
+class ExtractError(ValueError):
+    """An extraction that cannot start (bad arguments, fingerprint mismatch, malformed dataset)."""
+
+
+@dataclass
+class ExtractConfig:
+    dataset: str
+    root: str
+    out: str
+    image_encoder: str = DEFAULT_IMAGE_ENCODER
+    image_checkpoint: str | None = None
+    image_bitfit: str | None = None
+    text_encoder: str = DEFAULT_TEXT_ENCODER
+    text_pooling: str = "mean"
+    text_max_length: int = 128
+    text_bitfit: str | None = None
+    batch_size: int | None = None      # None: 64 on the CPU, 256 on a GPU
+    workers: int = 2
+    device: str = "auto"
+    dtype: str = "float16"
+    chunk_rows: int | None = None
+    overwrite: bool = False
+    limit: int | None = None           # only the first `limit` samples (quick trials, benchmarks)
+    dataset_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class ExtractReport:
+    out: str
+    n_rows: int
+    present: dict[str, int]
+    problems: dict[str, int]
+    seconds: float                     # the whole command, model loading included
+    samples_per_s: float               # rows / seconds of the pipeline loop (read, decode, encode, write)
+    skipped: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- loading (runs in worker processes)
+
+
+def read_image(path: str, preprocess) -> tuple[torch.Tensor | None, str | None]:
+    """Decode and preprocess one image; on failure return (None, reason) instead of raising."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()  # PIL decodes lazily: force it here so a truncated file fails now
+            return preprocess(image), None
+    except Image.DecompressionBombError:
+        return None, "oversized_image"
+    except OSError as exc:
+        return None, "truncated_image" if "truncated" in str(exc) else "undecodable_image"
+    except (ValueError, SyntaxError):  # PIL raises these for some corrupt headers
+        return None, "undecodable_image"
+
+
+class SampleSource(torch.utils.data.Dataset):
+    """Index -> (index, preprocessed image or None, decode failure reason, text or None)."""
+
+    def __init__(self, samples: list[ds.Sample], image_preprocess, with_image: bool, with_text: bool):
+        self.samples = samples
+        self.image_preprocess = image_preprocess
+        self.with_image = with_image
+        self.with_text = with_text
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        pixels, failure = None, None
+        if self.with_image and sample.image is not None:
+            pixels, failure = read_image(sample.image, self.image_preprocess)
+        return index, pixels, failure, sample.text if self.with_text else None
+
+
+class Collate:
+    """Batch of samples -> the tensors each encoder needs, plus which rows have which modality."""
+
+    def __init__(self, text_preprocess):
+        self.text_preprocess = text_preprocess
+
+    def __call__(self, items):
+        rows = torch.tensor([it[0] for it in items], dtype=torch.long)
+        image_pos = [k for k, it in enumerate(items) if it[1] is not None]
+        text_pos = [k for k, it in enumerate(items) if it[3] is not None]
+        return {
+            "rows": rows,
+            "image_pos": torch.tensor(image_pos, dtype=torch.long),
+            "pixels": torch.stack([items[k][1] for k in image_pos]) if image_pos else None,
+            "failures": [it[2] for it in items],
+            "text_pos": torch.tensor(text_pos, dtype=torch.long),
+            "tokens": self.text_preprocess([items[k][3] for k in text_pos])
+            if text_pos and self.text_preprocess else None,
+        }
+
+
+# ---------------------------------------------------------------- writing (runs in a thread)
+
+
+class ChunkWriter:
+    """Collects rows in order and writes each chunk once it is full, from a background thread.
+
+    Writing whole chunks means no chunk is ever written twice, which keeps the store valid if the process dies
+    and lets several writers share a store as long as they own disjoint chunks.
+    """
+
+    def __init__(self, root, modalities: dict[str, int], n_rows: int, chunk_rows: int, emb_dtype: str):
+        self.root, self.n_rows, self.chunk_rows = root, n_rows, chunk_rows
+        self.buffers = {m: (np.zeros((chunk_rows, dim), dtype=emb_dtype), np.zeros(chunk_rows, bool),
+                            np.zeros(chunk_rows, np.uint8)) for m, dim in modalities.items()}
+        self.chunk_start = 0
+        self.filled = 0
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="embcache-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, start: int, block: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        if self.error:
+            raise self.error
+        self.queue.put((start, block))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+    def _run(self) -> None:
+        try:
+            while (item := self.queue.get()) is not None:
+                self._add(*item)
+            if self.filled:
+                self._flush()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self.error = exc
+            while self.queue.get() is not None:  # drain so the producer never blocks forever
+                pass
+
+    def _add(self, start: int, block) -> None:
+        n = len(next(iter(block.values()))[0])
+        assert start == self.chunk_start + self.filled, "rows must arrive in order"
+        done = 0
+        while done < n:
+            take = min(n - done, self.chunk_rows - self.filled)
+            for m, arrays in block.items():
+                for buf, src in zip(self.buffers[m], arrays):
+                    buf[self.filled:self.filled + take] = src[done:done + take]
+            self.filled += take
+            done += take
+            if self.filled == self.chunk_rows or self.chunk_start + self.filled == self.n_rows:
+                self._flush()
+
+    def _flush(self) -> None:
+        for m, (emb, present, reason) in self.buffers.items():
+            st.write_rows(self.root, m, self.chunk_start, emb[:self.filled], present[:self.filled],
+                          reason[:self.filled])
+        self.chunk_start += self.filled
+        self.filled = 0
+
+
+# ---------------------------------------------------------------- the run
+
+
+def load_encoders(cfg: ExtractConfig) -> dict[str, Encoder]:
+    return {
+        "image": load_image_encoder(cfg.image_encoder, cfg.image_checkpoint, cfg.image_bitfit, cfg.dtype),
+        "text": load_text_encoder(cfg.text_encoder, cfg.text_pooling, cfg.text_max_length, cfg.text_bitfit,
+                                  cfg.dtype),
+    }
+
+
+def labels_array(dataset: ds.Dataset) -> np.ndarray:
+    if dataset.task == "multilabel":
+        labels = np.zeros((len(dataset.samples), len(dataset.classes)), dtype=np.uint8)
+        for row, sample in enumerate(dataset.samples):
+            labels[row, list(sample.label)] = 1
+        return labels
+    return np.array([int(s.label) for s in dataset.samples], dtype=np.int64)
+
+
+def reason_vocabulary(dataset: ds.Dataset) -> list[str]:
+    extra = sorted({r for s in dataset.samples for r in s.absent.values()} - set(BASE_REASONS))
+    return list(BASE_REASONS) + extra
+
+
+def encode_rows(encoder: Encoder, batch, device: torch.device) -> torch.Tensor:
+    """Encode, halving the batch on a CUDA out-of-memory error instead of failing the run."""
+    try:
+        return encoder.encode(batch, device)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        if isinstance(batch, torch.Tensor):
+            n, halves = len(batch), None
+            if n == 1:
+                raise
+            halves = (batch[: n // 2], batch[n // 2:])
+        else:
+            n = len(batch["input_ids"])
+            if n == 1:
+                raise
+            halves = ({k: v[: n // 2] for k, v in batch.items()}, {k: v[n // 2:] for k, v in batch.items()})
+        return torch.cat([encode_rows(encoder, half, device) for half in halves])
+
+
+def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> ExtractReport:
+    started = time.perf_counter()
+    try:
+        dataset = ds.open_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
+    except ds.DatasetError as exc:
+        raise ExtractError(str(exc)) from exc
+    if cfg.limit is not None:
+        dataset.samples = dataset.samples[:cfg.limit]
+    if not dataset.samples:
+        raise ExtractError(f"{cfg.root}: the {cfg.dataset} reader found no samples")
+    device = resolve_device(cfg.device)
+    batch_size = cfg.batch_size or (256 if device.type == "cuda" else 64)
+    encoders = load_encoders(cfg)
+    enc_attrs = {m: e.attrs for m, e in encoders.items()}
+    dataset_meta = {"name": dataset.name, "source": dataset.source, "options": cfg.dataset_options}
+
+    existing = st.read_meta(cfg.out)
+    if existing is not None and not cfg.overwrite:
+        wanted = st.fingerprint({"dataset": {**dataset_meta, "n_rows": len(dataset.samples)}}, enc_attrs)
+        diffs = st.fingerprint_diff(existing.get("fingerprint", {}), wanted)
+        if diffs:
+            raise ExtractError(f"{cfg.out} already holds features made differently ({'; '.join(diffs)}); "
+                               "pass --overwrite to replace it, or choose another --out")
+        if existing.get("complete"):
+            log(f"{cfg.out} is already complete with the same encoders and data: nothing to do")
+            return ExtractReport(cfg.out, len(dataset.samples), {}, existing.get("problems", {}), 0.0, 0.0,
+                                 skipped=True)
+
+    reasons = reason_vocabulary(dataset)
+    code = {name: i for i, name in enumerate(reasons)}
+    n = len(dataset.samples)
+    root = st.create_store(
+        cfg.out, ids=[s.id for s in dataset.samples],
+        split=np.array([st.SPLIT_CODES[s.split] for s in dataset.samples], dtype=np.int8),
+        labels=labels_array(dataset), dataset=dataset_meta,
+        task={"type": dataset.task, "classes": list(dataset.classes)}, encoders=enc_attrs, reasons=reasons,
+        chunk_rows=cfg.chunk_rows, overwrite=True)
+    chunk_rows = root.attrs[st.ATTRS_KEY]["chunk_rows"]
+
+    for enc in encoders.values():
+        enc.to(device)
+    loader = DataLoader(
+        SampleSource(dataset.samples, encoders["image"].preprocess, True, True),
+        batch_size=batch_size, shuffle=False, num_workers=cfg.workers,
+        collate_fn=Collate(encoders["text"].preprocess), pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
+    writer = ChunkWriter(root, {m: e.dim for m, e in encoders.items()}, n, chunk_rows, cfg.dtype)
+    decode_problems: collections.Counter = collections.Counter()
+    present_count = {m: 0 for m in encoders}
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, unit="sample", desc="extract", disable=not progress)
+    loop_started = time.perf_counter()
+    try:
+        for batch in loader:
+            rows = batch["rows"].numpy()
+            block = {}
+            for m, pos_key, input_key in (("image", "image_pos", "pixels"), ("text", "text_pos", "tokens")):
+                emb = np.zeros((len(rows), encoders[m].dim), dtype=cfg.dtype)
+                present = np.zeros(len(rows), dtype=bool)
+                reason = np.zeros(len(rows), dtype=np.uint8)
+                for k, row in enumerate(rows):
+                    why = dataset.samples[row].absent.get(m)
+                    if m == "image" and why is None and batch["failures"][k] is not None:
+                        why = batch["failures"][k]
+                        decode_problems[why] += 1
+                    if why is not None:
+                        reason[k] = code[why]
+                pos = batch[pos_key].numpy()
+                if len(pos):
+                    emb[pos] = encode_rows(encoders[m], batch[input_key], device).cpu().numpy()
+                    present[pos] = True
+                    present_count[m] += len(pos)
+                block[m] = (emb, present, reason)
+            writer.put(int(rows[0]), block)
+            bar.update(len(rows))
+    finally:
+        bar.close()
+        writer.close()
+
+    loop_seconds = time.perf_counter() - loop_started
+    problems = collections.Counter(dataset.problems) + decode_problems
+    seconds = time.perf_counter() - started
+    stats = {"batch_size": batch_size, "device": str(device), "workers": cfg.workers,
+             "seconds": round(seconds, 3), "samples_per_s": round(n / loop_seconds, 2)}
+    st.mark_complete(root, dict(problems), extra={"extract": stats})
+    return ExtractReport(cfg.out, n, present_count, dict(sorted(problems.items())), seconds, n / loop_seconds)
+
+
+def config_dict(cfg: ExtractConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,246 @@
+"""The feature cache: a Zarr v3 group whose layout is documented in docs/cache-format.md.
+
+Writers create the whole layout up front (`create_store`), fill rows in
+chunk-aligned blocks, and set `complete` last (`mark_complete`), so a reader
+never mistakes a half-written store for a finished one. Readers go through
+`open_store`, which checks the format version and the completion flag.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+
+FORMAT_VERSION = 1
+ATTRS_KEY = "embcache"
+SPLITS = ("train", "val", "test")
+SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
+TASK_TYPES = ("multilabel", "multiclass", "binary")
+EMB_DTYPES = ("float16", "float32")
+# Fields of an encoder's attrs that decide whether two extractions are interchangeable.
+# `versions` is informative only: a library upgrade alone does not invalidate a cache.
+FINGERPRINT_FIELDS = ("backend", "model", "checkpoint_sha256", "bitfit_sha256",
+                      "preprocess", "pooling", "dim", "dtype")
+
+
+class StoreError(ValueError):
+    """A store that cannot be used as asked (wrong format, incomplete, fingerprint mismatch)."""
+
+
+def _open_group(url: str, mode: str, storage_options: dict | None = None) -> zarr.Group:
+    return zarr.open_group(url, mode=mode, storage_options=storage_options or None)
+
+
+def read_meta(url: str, storage_options: dict | None = None) -> dict | None:
+    """The root `embcache` attrs of an existing store, or None when there is no store at `url`."""
+    try:
+        root = _open_group(url, "r", storage_options)
+    except Exception:  # noqa: BLE001 - zarr raises several types for "not there"
+        return None
+    meta = root.attrs.get(ATTRS_KEY)
+    return dict(meta) if isinstance(meta, dict) else None
+
+
+def fingerprint(meta: dict, encoders: dict[str, dict]) -> dict:
+    """What must match for an existing store to be reused by a new extraction."""
+    return {
+        "dataset": meta["dataset"]["name"],
+        "n_rows": meta["dataset"]["n_rows"],
+        "encoders": {m: {k: enc.get(k) for k in FINGERPRINT_FIELDS} for m, enc in sorted(encoders.items())},
+    }
+
+
+def fingerprint_diff(old: dict, new: dict) -> list[str]:
+    """Human-readable list of the fields that differ between two fingerprints."""
+    diffs = []
+    for key in ("dataset", "n_rows"):
+        if old.get(key) != new.get(key):
+            diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    old_enc, new_enc = old.get("encoders", {}), new.get("encoders", {})
+    for m in sorted(set(old_enc) | set(new_enc)):
+        for k in FINGERPRINT_FIELDS:
+            a, b = old_enc.get(m, {}).get(k), new_enc.get(m, {}).get(k)
+            if a != b:
+                diffs.append(f"{m}.{k}: {a!r} -> {b!r}")
+    return diffs
+
+
+def default_chunk_rows(dim: int, target_bytes: int = 4 << 20) -> int:
+    """Rows per chunk so that one float16 embedding chunk is about `target_bytes`."""
+    rows = max(256, target_bytes // max(1, 2 * dim))
+    return 1 << int(math.log2(rows))
+
+
+def create_store(url: str, *, ids: list[str], split: np.ndarray, labels: np.ndarray,
+                 dataset: dict, task: dict, encoders: dict[str, dict],
+                 reasons: list[str], chunk_rows: int | None = None,
+                 overwrite: bool = False, storage_options: dict | None = None) -> zarr.Group:
+    """Create the full layout with `complete = false` and write the per-row metadata.
+
+    `encoders` maps modality -> encoder attrs (must include `dim` and `dtype`).
+    `reasons` is the vocabulary of absence reasons; code 0 is always "present".
+    """
+    n = len(ids)
+    if task["type"] not in TASK_TYPES:
+        raise StoreError(f"unknown task type {task['type']!r}; expected one of {TASK_TYPES}")
+    if overwrite and url_is_local(url):
+        shutil.rmtree(local_path(url), ignore_errors=True)
+    dims = [enc["dim"] for enc in encoders.values()]
+    chunk_rows = chunk_rows or default_chunk_rows(max(dims) if dims else 1)
+    chunk_rows = max(1, min(chunk_rows, max(n, 1)))
+    root = _open_group(url, "w", storage_options)
+    rows = (chunk_rows,)
+    root.create_array("ids", shape=(n,), dtype=str, chunks=rows)[:] = np.asarray(ids, dtype=str)
+    root.create_array("split", shape=(n,), dtype="int8", chunks=rows)[:] = split.astype(np.int8)
+    if task["type"] == "multilabel":
+        lab = root.create_array("labels", shape=(n, len(task["classes"])), dtype="uint8",
+                                chunks=(chunk_rows, len(task["classes"])))
+    else:
+        lab = root.create_array("labels", shape=(n,), dtype="int64", chunks=rows, fill_value=-1)
+    lab[:] = labels
+    for modality, enc in encoders.items():
+        if enc["dtype"] not in EMB_DTYPES:
+            raise StoreError(f"embedding dtype must be one of {EMB_DTYPES}, got {enc['dtype']!r}")
+        group = root.create_group(modality)
+        group.create_array("emb", shape=(n, enc["dim"]), dtype=enc["dtype"],
+                           chunks=(chunk_rows, enc["dim"]), fill_value=0)
+        group.create_array("present", shape=(n,), dtype="bool", chunks=rows, fill_value=False)
+        group.create_array("reason", shape=(n,), dtype="uint8", chunks=rows, fill_value=0)
+        group.attrs["encoder"] = enc
+        group.attrs["reasons"] = list(reasons)
+    meta = {
+        "format": FORMAT_VERSION,
+        "dataset": {**dataset, "n_rows": n},
+        "task": task,
+        "modalities": list(encoders),
+        "chunk_rows": chunk_rows,
+        "complete": False,
+        "problems": {},
+    }
+    meta["fingerprint"] = fingerprint(meta, encoders)
+    root.attrs[ATTRS_KEY] = meta
+    return root
+
+
+def write_rows(root: zarr.Group, modality: str, start: int, emb: np.ndarray,
+               present: np.ndarray, reason: np.ndarray) -> None:
+    """Write a block of rows of one modality. Blocks should be chunk-aligned (one writer per chunk)."""
+    stop = start + len(emb)
+    group = root[modality]
+    group["emb"][start:stop] = emb.astype(group["emb"].dtype, copy=False)
+    group["present"][start:stop] = present
+    group["reason"][start:stop] = reason
+
+
+def mark_complete(root: zarr.Group, problems: dict[str, int], extra: dict | None = None) -> None:
+    """Record the problem counts and flip `complete`; the last write of an extraction."""
+    meta = dict(root.attrs[ATTRS_KEY])
+    meta["problems"] = dict(sorted(problems.items()))
+    meta.update(extra or {})
+    meta["complete"] = True
+    root.attrs[ATTRS_KEY] = meta
+
+
+def url_is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+@dataclass
+class FeatureStore:
+    """Read access to a finished (or, if allowed, partial) cache."""
+
+    url: str
+    root: zarr.Group
+    meta: dict
+
+    @property
+    def task_type(self) -> str:
+        return self.meta["task"]["type"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["task"]["classes"])
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.meta["modalities"])
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.meta["dataset"]["n_rows"])
+
+    def encoder(self, modality: str) -> dict:
+        return dict(self.root[modality].attrs["encoder"])
+
+    def reasons(self, modality: str) -> list[str]:
+        return list(self.root[modality].attrs["reasons"])
+
+    def ids(self) -> np.ndarray:
+        return np.array([str(i) for i in self.root["ids"][:]], dtype=object)
+
+    def split(self) -> np.ndarray:
+        return np.asarray(self.root["split"][:], dtype=np.int8)
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.root["labels"][:])
+
+    def present(self, modality: str) -> np.ndarray:
+        return np.asarray(self.root[modality]["present"][:], dtype=bool)
+
+    def reason_codes(self, modality: str) -> np.ndarray:
+        return np.asarray(self.root[modality]["reason"][:])
+
+    def embeddings(self, modality: str, dtype=np.float32) -> np.ndarray:
+        return np.asarray(self.root[modality]["emb"][:], dtype=dtype)
+
+    def load(self) -> "CachedFeatures":
+        """Everything in host memory, embeddings as float32."""
+        return CachedFeatures(
+            ids=self.ids(), split=self.split(), labels=self.labels(),
+            task_type=self.task_type, classes=self.classes,
+            emb={m: self.embeddings(m) for m in self.modalities},
+            present={m: self.present(m) for m in self.modalities},
+            encoders={m: self.encoder(m) for m in self.modalities},
+            meta=self.meta,
+        )
+
+
+@dataclass
+class CachedFeatures:
+    ids: np.ndarray
+    split: np.ndarray
+    labels: np.ndarray
+    task_type: str
+    classes: list[str]
+    emb: dict[str, np.ndarray]
+    present: dict[str, np.ndarray]
+    encoders: dict[str, dict]
+    meta: dict = field(default_factory=dict)
+
+
+def open_store(url: str, *, require_complete: bool = True,
+               storage_options: dict | None = None) -> FeatureStore:
+    """Open a cache for reading; raises StoreError naming the problem."""
+    try:
+        root = _open_group(url, "r", storage_options)
+    except Exception as exc:  # noqa: BLE001 - zarr raises several types for "not there"
+        raise StoreError(f"{url}: not a readable Zarr store ({exc.__class__.__name__}: {exc})") from exc
+    meta: Any = root.attrs.get(ATTRS_KEY)
+    if not isinstance(meta, dict):
+        raise StoreError(f"{url}: not an embcache store (no {ATTRS_KEY!r} attribute on the root group)")
+    version = meta.get("format")
+    if version != FORMAT_VERSION:
+        raise StoreError(f"{url}: cache format {version!r} is not supported by this embcache "
+                         f"(it reads format {FORMAT_VERSION})")
+    if require_complete and not meta.get("complete", False):
+        raise StoreError(f"{url}: the extraction that wrote this store did not finish "
+                         "(attrs complete = false); re-run `embcache extract` with the same arguments")
+    return FeatureStore(url=url, root=root, meta=meta)

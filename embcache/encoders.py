@@ -298,7 +298,9 @@ def load_text_encoder(spec: str = DEFAULT_TEXT_ENCODER, pooling: str = "mean", m
     if pooling not in ("cls", "mean"):
         raise EncoderError(f"text pooling must be cls or mean, got {pooling!r}")
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per run is ours; a weight-loading bar per encoder is noise
     folder = resolve_hf_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)

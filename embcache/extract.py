@@ -85,7 +85,7 @@ def read_image(path: str, preprocess) -> tuple[torch.Tensor | None, str | None]:
     except Image.DecompressionBombError:
         return None, "oversized_image"
     except OSError as exc:
-        return None, "truncated_image" if "truncated" in str(exc) else "undecodable_image"
+        return None, "truncated_image" if "truncated" in str(exc).lower() else "undecodable_image"
     except (ValueError, SyntaxError):  # PIL raises these for some corrupt headers
         return None, "undecodable_image"
 

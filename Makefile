@@ -18,7 +18,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(OFFLINE) $(VENV)/bin/embcache extract --dataset manifest --root data/demo/manifest.jsonl --out $(DEMO)/demo.zarr
-	@echo "feature cache: $(DEMO)/demo.zarr (format: docs/cache-format.md)"
+	$(OFFLINE) $(VENV)/bin/embcache fit $(DEMO)/demo.zarr --out $(DEMO)/run --overwrite --quiet
+	$(OFFLINE) $(VENV)/bin/embcache eval $(DEMO)/run
+	@echo "feature cache: $(DEMO)/demo.zarr (docs/cache-format.md)"
+	@echo "trained run:   $(DEMO)/run (metrics.json: docs/metrics-format.md; curves.png, scenarios.png)"
 
 test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import click
 
-from embcache.cli.extract import extract_command, extract_bench_command
+from embcache.cli.bench_fit import fit_bench_command
+from embcache.cli.bench_kernels import kernels_command
+from embcache.cli.extract import extract_bench_command, extract_command
+from embcache.cli.fit import eval_command, fit_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -18,7 +21,11 @@ def bench() -> None:
 
 
 main.add_command(extract_command)
+main.add_command(fit_command)
+main.add_command(eval_command)
 bench.add_command(extract_bench_command)
+bench.add_command(fit_bench_command)
+bench.add_command(kernels_command)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,33 @@
+"""`embcache bench fit`."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from embcache.cli.common import user_errors
+from embcache.models import IMPUTE_MODES, FitError
+
+
+@click.command("fit")
+@click.option("--n-train", type=click.IntRange(100), default=15_552, show_default=True,
+              help="Training rows (val and test keep MM-IMDb's proportions).")
+@click.option("--dim", type=click.IntRange(2), default=768, show_default=True, help="Embedding width per modality.")
+@click.option("--classes", "n_classes", type=click.IntRange(2), default=23, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--impute", type=click.Choice(IMPUTE_MODES), default="predict", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--compile/--no-compile", "compile_", default=False, show_default=True)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the figures here.")
+@user_errors(FitError)
+def fit_bench_command(compile_, json_path, **kw):
+    """Fit loop epochs/s on a synthetic MM-IMDb-sized cache, beside the model's pure compute time."""
+    from embcache.bench_fit import run_fit_bench
+
+    result = run_fit_bench(compile=compile_, **kw)
+    for line in result["table"]:
+        click.echo(line)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump({k: v for k, v in result.items() if k != "table"}, fh, indent=2)

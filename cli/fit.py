@@ -1,0 +1,100 @@
+"""`embcache fit` and `embcache eval`."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from embcache.cli.common import user_errors
+from embcache.missing import MISSING_TYPES
+from embcache.models import IMPUTE_MODES, FitConfig, FitError
+
+D = FitConfig()  # defaults shown in --help come from the config dataclass, the single source
+
+
+def _seeds(ctx, param, value: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise click.BadParameter(f"{value!r}: give one or more distinct seeds, e.g. 0,1,2")
+    return seeds
+
+
+RATE = click.FloatRange(0.0, 1.0)
+
+
+@click.command("fit")
+@click.argument("store")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--impute", type=click.Choice(IMPUTE_MODES), default=D.impute, show_default=True,
+              help="What stands in for an absent modality: the predicted embedding, zeros, or the train mean.")
+@click.option("--val-store", default=None, help="Use all rows of this store as the val split.")
+@click.option("--test-store", default=None, help="Use all rows of this store as the test split.")
+@click.option("--train-missing-rate", type=RATE, default=D.train_missing_rate, show_default=True)
+@click.option("--train-missing-type", type=click.Choice(MISSING_TYPES), default=D.train_missing_type,
+              show_default=True)
+@click.option("--test-missing-rate", type=RATE, default=D.test_missing_rate, show_default=True,
+              help="Rate of the missing-* test scenarios.")
+@click.option("--test-missing-type", type=click.Choice(MISSING_TYPES), default=D.test_missing_type,
+              show_default=True, help="The val scenario that selects the best epoch.")
+@click.option("--missing-seed", type=int, default=D.missing_seed, show_default=True,
+              help="Seed of the protocol's hash (the same rows go missing for every --seeds run).")
+@click.option("--seeds", default=str(D.seed), show_default=True, callback=_seeds,
+              help="Comma-separated training seeds; several give RUN/seed-<s>/ and a mean/std summary.")
+@click.option("--epochs", type=click.IntRange(1), default=D.epochs, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=D.batch_size, show_default=True,
+              help="Upper bound; small train sets get smaller batches.")
+@click.option("--lr", type=float, default=D.lr, show_default=True)
+@click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True)
+@click.option("--alpha", type=float, default=D.alpha, show_default=True, help="Weight of VICReg in the loss.")
+@click.option("--vicreg-sim", type=float, default=D.vicreg_sim, show_default=True)
+@click.option("--vicreg-std", type=float, default=D.vicreg_std, show_default=True)
+@click.option("--vicreg-cov", type=float, default=D.vicreg_cov, show_default=True)
+@click.option("--detach-target/--no-detach-target", default=D.detach_target, show_default=True)
+@click.option("--expander-dim", type=click.IntRange(0), default=D.expander_dim, show_default=True,
+              help="> 0: apply VICReg after a 2-layer expander of this width.")
+@click.option("--predictor-hidden", type=click.IntRange(1), default=D.predictor_hidden, show_default=True)
+@click.option("--predictor-depth", type=click.IntRange(1), default=D.predictor_depth, show_default=True)
+@click.option("--predictor-dropout", type=click.FloatRange(0, 1), default=D.predictor_dropout,
+              show_default=True)
+@click.option("--classifier-hidden", type=click.IntRange(1), default=D.classifier_hidden, show_default=True)
+@click.option("--classifier-depth", type=click.IntRange(1), default=D.classifier_depth, show_default=True)
+@click.option("--classifier-dropout", type=click.FloatRange(0, 1), default=D.classifier_dropout,
+              show_default=True)
+@click.option("--device", default=D.device, show_default=True)
+@click.option("--compile/--no-compile", "compile_", default=D.compile, show_default=True,
+              help="torch.compile the model (pays off only for long GPU runs).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors(FitError)
+def fit_command(store, out, seeds, compile_, overwrite, quiet, **options):
+    """Train the missing-modality predictors and the late-fusion classifier on a feature cache."""
+    from embcache.evaluate import format_table
+    from embcache.train import fit
+
+    cfg = FitConfig(store=store, seed=seeds[0], compile=compile_, **options)
+    metrics = fit(cfg, out, seeds=seeds, overwrite=overwrite, progress=not quiet)
+    click.echo(format_table(metrics))
+    click.echo(f"wrote {out}")
+
+
+@click.command("eval")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--store", default=None, help="Score on this store instead of the one the run was fit on "
+                                            "(it must have the same fingerprint).")
+@click.option("--rate", type=RATE, default=None, help="Missing rate of the scenarios (default: the run's).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the results here (metrics.json layout).")
+@user_errors(FitError)
+def eval_command(run_dir, store, rate, device, json_path):
+    """Score a fitted run under every test scenario: full, missing-image, missing-text, missing-both."""
+    from embcache.evaluate import evaluate_run, format_table
+
+    metrics = evaluate_run(run_dir, store=store, rate=rate, device=device)
+    click.echo(format_table(metrics))
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(metrics, fh, indent=2)

@@ -1,0 +1,410 @@
+"""Data loading and checks, metrics, per-scenario evaluation, and loading a finished run.
+
+`train.py` uses everything here; `embcache eval` uses `evaluate_run` and `format_table`.
+The layout of metrics.json is documented in docs/metrics-format.md.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from embcache.missing import MODALITIES, SCENARIOS, scenario_present
+from embcache.models import DIRECTIONS, FitConfig, FitError, FusionModel
+from embcache.store import (FINGERPRINT_FIELDS, SPLIT_CODES, CachedFeatures, StoreError,
+                            fingerprint_diff, open_store)
+
+METRICS_SCHEMA = "embcache.metrics/1"
+MAIN_METRIC = {"multilabel": "f1_macro", "multiclass": "accuracy", "binary": "auroc"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class SplitData:
+    """One split in host memory: raw float32 embeddings and what the data has (before the protocol)."""
+
+    ids: np.ndarray
+    emb: dict[str, np.ndarray]
+    present: dict[str, np.ndarray]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, mask: np.ndarray) -> "SplitData":
+        return SplitData(self.ids[mask], {m: e[mask] for m, e in self.emb.items()},
+                         {m: p[mask] for m, p in self.present.items()}, self.labels[mask])
+
+
+@dataclass
+class Dataset:
+    task_type: str
+    classes: list[str]
+    splits: dict[str, SplitData]        # train, val, test
+    fingerprint: dict                   # encoders + task; a run refuses a store whose fingerprint differs
+    sources: dict[str, str]             # split -> store url
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {m: int(self.splits["train"].emb[m].shape[1]) for m in MODALITIES}
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.classes)
+
+
+def _fingerprint(features: CachedFeatures) -> dict:
+    return {"task": features.task_type, "classes": list(features.classes),
+            "encoders": {m: {k: features.encoders[m].get(k) for k in FINGERPRINT_FIELDS} for m in MODALITIES}}
+
+
+def check_features(features: CachedFeatures, url: str) -> None:
+    """Raise FitError naming the first thing in a loaded cache that training cannot use."""
+    missing = [m for m in MODALITIES if m not in features.emb]
+    if missing:
+        raise FitError(f"{url}: no {', '.join(missing)} group; fit needs both modalities {MODALITIES}")
+    n = len(features.ids)
+    recorded = (features.meta.get("fingerprint") or {}).get("encoders")
+    if recorded is not None:  # the root fingerprint must describe the groups' encoders
+        diffs = fingerprint_diff({"encoders": recorded},
+                                 {"encoders": _fingerprint(features)["encoders"]})
+        if diffs:
+            raise FitError(f"{url}: the store's fingerprint does not match its encoders: {'; '.join(diffs)}")
+    for m in MODALITIES:
+        emb, present = features.emb[m], features.present[m]
+        dim = features.encoders[m].get("dim")
+        if emb.ndim != 2 or emb.shape[0] != n or (dim is not None and emb.shape[1] != dim):
+            raise FitError(f"{url}: {m}/emb has shape {emb.shape}, expected ({n}, {dim})")
+        bad = present & ~np.isfinite(emb).all(axis=1)
+        if bad.any():
+            first = features.ids[np.flatnonzero(bad)[0]]
+            raise FitError(f"{url}: {int(bad.sum())} rows of {m}/emb hold NaN or inf (first id {first!r}); "
+                           "re-extract them or mark them absent")
+    if not np.isin(features.split, list(SPLIT_CODES.values())).all():
+        raise FitError(f"{url}: split holds values other than 0/1/2 (train/val/test)")
+    labels, n_classes = features.labels, len(features.classes)
+    if features.task_type == "multilabel":
+        if labels.ndim != 2 or labels.shape[1] != n_classes:
+            raise FitError(f"{url}: multilabel labels have shape {labels.shape}, expected ({n}, {n_classes})")
+        if not np.isin(labels, (0, 1)).all():
+            raise FitError(f"{url}: multilabel labels hold values other than 0 and 1")
+    else:
+        if features.task_type == "binary" and n_classes != 2:
+            raise FitError(f"{url}: a binary task needs 2 classes, the store lists {n_classes}")
+        if labels.ndim != 1:
+            raise FitError(f"{url}: {features.task_type} labels have shape {labels.shape}, expected ({n},)")
+        out_of_range = (labels < -1) | (labels >= n_classes)
+        if out_of_range.any():
+            raise FitError(f"{url}: {int(out_of_range.sum())} labels are out of range "
+                           f"(allowed -1 = unlabeled and 0..{n_classes - 1}); e.g. {int(labels[out_of_range][0])} "
+                           f"for id {features.ids[np.flatnonzero(out_of_range)[0]]!r}")
+
+
+def _split_data(features: CachedFeatures, mask: np.ndarray | None = None) -> SplitData:
+    whole = SplitData(features.ids, {m: features.emb[m] for m in MODALITIES},
+                      {m: features.present[m] for m in MODALITIES}, features.labels)
+    return whole if mask is None else whole.rows(mask)
+
+
+def dataset_from_features(features: CachedFeatures, url: str,
+                          extra: dict[str, tuple[CachedFeatures, str]] | None = None) -> Dataset:
+    """Split a checked cache into train/val/test; `extra` maps 'val'/'test' to a whole separate store."""
+    check_features(features, url)
+    fp = _fingerprint(features)
+    splits, sources = {}, {}
+    for name, code in SPLIT_CODES.items():
+        if extra and name in extra:
+            other, other_url = extra[name]
+            check_features(other, other_url)
+            diffs = fingerprint_diff(fp, _fingerprint(other))
+            if other.task_type != features.task_type or other.classes != features.classes:
+                diffs.append("task or classes differ")
+            if diffs:
+                raise FitError(f"{other_url} ({name}) was not made like {url}: {'; '.join(diffs)}")
+            splits[name], sources[name] = _split_data(other), other_url
+        else:
+            splits[name], sources[name] = _split_data(features, features.split == code), url
+    if len(splits["train"]) == 0:
+        raise FitError(f"{url}: no training rows (split == 0)")
+    return Dataset(features.task_type, list(features.classes), splits, fp, sources)
+
+
+def _load(url: str) -> CachedFeatures:
+    try:
+        return open_store(url).load()
+    except StoreError as exc:  # a wrong format version, an unfinished extraction, not a store
+        raise FitError(str(exc)) from exc
+
+
+def load_dataset(store: str, val_store: str | None = None, test_store: str | None = None) -> Dataset:
+    """Open, read and check the store(s)."""
+    extra = {name: (_load(url), url) for name, url in (("val", val_store), ("test", test_store)) if url}
+    return dataset_from_features(_load(store), store, extra)
+
+
+def labeled(task_type: str, labels: np.ndarray) -> np.ndarray:
+    """Rows with a label (multilabel rows always have one; -1 means unlabeled otherwise)."""
+    return np.ones(len(labels), dtype=bool) if task_type == "multilabel" else labels >= 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensors on the device
+# ------------------------------------------------------------------------------------------------
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class SplitTensors:
+    x: dict[str, torch.Tensor]          # raw embeddings (N, D_m), float32
+    y: torch.Tensor                     # (N, C) float for multilabel, (N,) int64 otherwise
+
+    @classmethod
+    def of(cls, split: SplitData, task_type: str, device: torch.device) -> "SplitTensors":
+        y = torch.as_tensor(split.labels, device=device)
+        return cls({m: torch.as_tensor(split.emb[m], device=device) for m in MODALITIES},
+                   y.float() if task_type == "multilabel" else y.long())
+
+
+def masks_to(present: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {m: torch.as_tensor(present[m], device=device) for m in MODALITIES}
+
+
+@torch.no_grad()
+def predict_logits(model: FusionModel, x: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
+                   chunk: int = 16384) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    n = len(next(iter(x.values())))
+    out = [model({m: x[m][i:i + chunk] for m in x}, {m: has[m][i:i + chunk] for m in has}).logits
+           for i in range(0, n, chunk)]
+    model.train(was_training)
+    if not out:  # an empty split
+        return torch.zeros(0, model.classifier[-1].out_features, device=model.mean_image.device)
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------------
+def f1_scores(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Multilabel F1 at sigmoid 0.5 (logit 0). A class with no positives and no predictions scores 0."""
+    pred, truth = logits > 0, y > 0.5
+    tp = (pred & truth).sum(0).double()
+    wrong = (pred ^ truth).sum(0).double()  # false positives + false negatives
+    per_class = torch.where(2 * tp + wrong > 0, 2 * tp / (2 * tp + wrong).clamp(min=1), torch.zeros_like(tp))
+    micro = 2 * tp.sum() / (2 * tp.sum() + wrong.sum()).clamp(min=1)
+    return {"f1_macro": per_class.mean().item(), "f1_micro": micro.item()}
+
+
+def auroc(scores: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Area under the ROC curve (Mann-Whitney, ties count half); None when one class is absent."""
+    pos = y == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = (ends - (counts.double() - 1) / 2)[inverse]  # average 1-based rank within ties
+    return ((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def metric_names(task_type: str) -> list[str]:
+    return {"multilabel": ["f1_macro", "f1_micro"], "multiclass": ["accuracy"],
+            "binary": ["auroc", "accuracy"]}[task_type]
+
+
+def task_metrics(task_type: str, logits: torch.Tensor, y: torch.Tensor) -> dict[str, float | None]:
+    """The task's metrics on the labeled rows; None when there are none (e.g. an unlabeled test file)."""
+    if task_type != "multilabel":
+        keep = y >= 0
+        logits, y = logits[keep], y[keep]
+    if len(y) == 0:
+        return {name: None for name in metric_names(task_type)}
+    if task_type == "multilabel":
+        return f1_scores(logits, y)
+    accuracy = (logits.argmax(1) == y).double().mean().item()
+    if task_type == "multiclass":
+        return {"accuracy": accuracy}
+    return {"auroc": auroc(logits[:, 1] - logits[:, 0], y), "accuracy": accuracy}
+
+
+def r2_score(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Fraction of the target's variance explained, pooled over dimensions.
+
+    Both are in standardised coordinates (train std 1 per dimension), so every dimension counts about
+    equally; the target's own mean is the baseline (a predictor of the mean scores about 0).
+    """
+    residual = ((target - pred) ** 2).sum()
+    total = ((target - target.mean(0)) ** 2).sum()
+    return (1 - residual / total.clamp(min=1e-12)).item()
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation of a model
+# ------------------------------------------------------------------------------------------------
+def evaluate_scenarios(model: FusionModel, split: SplitData, tensors: SplitTensors, task_type: str,
+                       rate: float, seed: int) -> dict[str, dict]:
+    """{scenario: metrics} for full / missing-image / missing-text / missing-both at `rate`."""
+    device = tensors.y.device
+    results = {}
+    for scenario in SCENARIOS:
+        has = masks_to(scenario_present(split.ids, split.present, scenario, rate, seed), device)
+        results[scenario] = task_metrics(task_type, predict_logits(model, tensors.x, has), tensors.y)
+    return results
+
+
+@torch.no_grad()
+def predictor_quality(model: FusionModel, split: SplitData, tensors: SplitTensors) -> dict[str, dict]:
+    """{direction: {cosine, r2}} on the rows where the data has both modalities.
+
+    For `zero` / `mean` imputation, the constant that stands in for the missing modality is scored.
+    cosine: mean cosine similarity in raw embedding space; r2: `r2_score` in standardised space.
+    """
+    both = split.present["image"] & split.present["text"]
+    if not both.any():
+        return {name: {"cosine": None, "r2": None} for name in DIRECTIONS}
+    idx = torch.as_tensor(np.flatnonzero(both), device=tensors.y.device)
+    x = {m: tensors.x[m][idx] for m in MODALITIES}
+    has = {m: torch.ones(len(idx), dtype=torch.bool, device=idx.device) for m in MODALITIES}
+    model.eval()
+    out = model(x, has)
+    quality = {}
+    for name, (src, dst) in DIRECTIONS.items():
+        pred = model.fill(dst, out.pred.get(name), has[src]).expand_as(out.z[dst])
+        # a zero vector has no direction (cosine 0); unstandardising would leave rounding noise instead
+        raw = torch.zeros_like(x[dst]) if model.impute == "zero" else model.unstandardize(dst, pred)
+        cosine = torch.nn.functional.cosine_similarity(raw, x[dst], dim=1)
+        quality[name] = {"cosine": cosine.mean().item(), "r2": r2_score(pred, out.z[dst])}
+    return quality
+
+
+# ------------------------------------------------------------------------------------------------
+# Finished runs
+# ------------------------------------------------------------------------------------------------
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[FitConfig, dict, FusionModel]:
+    """(config, resolved settings, model with the best epoch's weights) of one seed's run folder."""
+    run_dir = Path(run_dir)
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except FileNotFoundError as exc:
+        raise FitError(f"{run_dir}: no config.json; is this an `embcache fit` run folder?") from exc
+    cfg, resolved = FitConfig.from_dict(saved), saved["resolved"]
+    model = FusionModel(resolved["dims"], resolved["n_outputs"], cfg)
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    return cfg, resolved, model.to(resolve_device(str(device)))
+
+
+def seed_dirs(run_dir: str | Path) -> list[Path]:
+    """The per-seed run folders of a run: itself (one seed) or its seed-* folders (--seeds)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "model.safetensors").exists():
+        return [run_dir]
+    dirs = sorted((p for p in run_dir.glob("seed-*") if (p / "model.safetensors").exists()),
+                  key=lambda p: int(p.name.split("-", 1)[1]))
+    if not dirs:
+        raise FitError(f"{run_dir}: neither a run (model.safetensors) nor a folder of seed-* runs")
+    return dirs
+
+
+def evaluate_run(run_dir: str | Path, *, store: str | None = None, rate: float | None = None,
+                 device: str = "auto") -> dict:
+    """Re-score a finished run (all seeds) under every scenario; same layout as its metrics.json."""
+    results = []
+    for path in seed_dirs(run_dir):
+        cfg, resolved, model = load_run(path, device)
+        data = load_dataset(store or cfg.store, cfg.val_store, cfg.test_store)
+        if data.fingerprint != resolved["fingerprint"]:
+            raise FitError(f"{store or cfg.store}: not the features {path} was trained on (fingerprint differs)")
+        results.append(scenario_metrics(model, data, cfg, resolved, rate=rate))
+    return results[0] if len(results) == 1 else summarize(results)
+
+
+def scenario_metrics(model: FusionModel, data: Dataset, cfg: FitConfig, resolved: dict,
+                     rate: float | None = None) -> dict:
+    """metrics.json for one trained model (docs/metrics-format.md)."""
+    device = next(model.parameters()).device
+    rate = cfg.test_missing_rate if rate is None else rate
+    metrics = {
+        "schema": METRICS_SCHEMA, "kind": "run", "task": data.task_type, "metric": MAIN_METRIC[data.task_type],
+        "impute": cfg.impute, "seed": cfg.seed,
+        "missing": {"seed": cfg.missing_seed, "test_rate": rate,
+                    "train": {"rate": cfg.train_missing_rate, "type": cfg.train_missing_type}},
+        "selection": resolved.get("selection", {}),
+    }
+    for name in ("val", "test"):
+        split = data.splits[name]
+        tensors = SplitTensors.of(split, data.task_type, device)
+        metrics[name] = evaluate_scenarios(model, split, tensors, data.task_type, rate, cfg.missing_seed)
+        if name == "test":
+            metrics["predictor"] = predictor_quality(model, split, tensors)
+    metrics["rows"] = {name: int(labeled(data.task_type, data.splits[name].labels).sum()) for name in ("val", "test")}
+    metrics["rows"]["predictor"] = int((data.splits["test"].present["image"]
+                                        & data.splits["test"].present["text"]).sum())
+    return metrics
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean and std (sample, ddof 1) over seeds of every number in `val`, `test` and `predictor`."""
+    first = runs[0]
+
+    def stat(fn, path):
+        values = []
+        for run in runs:
+            value = run
+            for key in path:
+                value = value[key]
+            values.append(value)
+        return None if any(v is None for v in values) else fn(np.asarray(values, dtype=np.float64))
+
+    def tree(fn):
+        return {section: {group: {metric: stat(fn, (section, group, metric)) for metric in values}
+                          for group, values in first[section].items()}
+                for section in ("val", "test", "predictor")}
+
+    mean = tree(np.mean)
+    std = tree(lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+    return {"schema": METRICS_SCHEMA, "kind": "summary", "task": first["task"], "metric": first["metric"],
+            "impute": first["impute"], "seeds": [run["seed"] for run in runs],
+            "runs": [f"seed-{run['seed']}" for run in runs], "missing": first["missing"],
+            **{k: _floats(v) for k, v in mean.items()}, "std": _floats(std), "rows": first["rows"]}
+
+
+def _floats(tree):
+    """numpy scalars -> float, recursively (json.dump refuses np.float64 inside some containers)."""
+    if isinstance(tree, dict):
+        return {k: _floats(v) for k, v in tree.items()}
+    return None if tree is None else float(tree)
+
+
+def format_table(metrics: dict) -> str:
+    """A plain-text table: one row per scenario, val main metric and every test metric."""
+    main, std = metrics["metric"], metrics.get("std")
+    names = list(metrics["test"]["full"])
+
+    def cell(section, scenario, name):
+        value = metrics[section][scenario][name]
+        if value is None:
+            return "n/a"
+        text = f"{value:.4f}"
+        return text + (f" ± {std[section][scenario][name]:.4f}" if std else "")
+
+    header = ["scenario", f"val {main}"] + [f"test {name}" for name in names]
+    rows = [[s, cell("val", s, main)] + [cell("test", s, n) for n in names] for s in SCENARIOS]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header] + rows]
+    seeds = f", seeds {metrics['seeds']}" if metrics["kind"] == "summary" else f", seed {metrics['seed']}"
+    lines.insert(0, f"task {metrics['task']} ({main}), impute {metrics['impute']}, "
+                    f"test missing rate {metrics['missing']['test_rate']}{seeds}")
+    for name, q in metrics["predictor"].items():
+        if q["r2"] is not None:
+            lines.append(f"predictor {name}: cosine {q['cosine']:.4f}, r2 {q['r2']:.4f} (test rows with both)")
+    return "\n".join(lines)

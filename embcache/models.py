@@ -1,0 +1,171 @@
+"""The fit configuration, the feature predictors and the late-fusion classifier.
+
+Everything works on *standardised* embeddings: each modality is shifted and scaled per dimension by
+the mean and std of the training rows that have it (buffers of the model, saved in the checkpoint), so
+that encoders of different scales are comparable, VICReg's variance hinge (target std 1) matches the
+real targets, and "mean imputation" is simply 0. The model takes raw cached embeddings as input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from embcache.kernels import vicreg_loss
+from embcache.missing import MISSING_TYPES, MODALITIES
+
+IMPUTE_MODES = ("predict", "zero", "mean")
+# direction name -> (source modality, target modality)
+DIRECTIONS = {"image_to_text": ("image", "text"), "text_to_image": ("text", "image")}
+
+
+class FitError(ValueError):
+    """Input or settings that `embcache fit` / `eval` cannot use; the message names the problem."""
+
+
+@dataclass
+class FitConfig:
+    """Everything `embcache fit` needs, as plain data (saved as config.json in the run)."""
+
+    store: str = ""
+    val_store: str | None = None        # all rows of this store are the val split (else split == 1)
+    test_store: str | None = None       # all rows of this store are the test split (else split == 2)
+    impute: str = "predict"             # predict | zero | mean: what stands in for an absent modality
+    # missing-modality protocol (embcache/missing.py)
+    train_missing_rate: float = 0.7
+    train_missing_type: str = "both"
+    test_missing_rate: float = 0.7
+    test_missing_type: str = "both"     # also the val scenario that selects the best epoch
+    missing_seed: int = 0               # fixed across --seeds, so every run sees the same rows missing
+    # predictors: MLP from the available modality's embedding to the other's
+    predictor_hidden: int = 1024
+    predictor_depth: int = 2            # number of linear layers (1 = linear map)
+    predictor_dropout: float = 0.1
+    expander_dim: int = 0               # > 0: VICReg on a shared 2-layer expander's outputs
+    # late-fusion classifier on [image, text]
+    classifier_hidden: int = 512
+    classifier_depth: int = 2
+    classifier_dropout: float = 0.1
+    # objective: task loss + alpha * (VICReg(image->text) + VICReg(text->image))
+    alpha: float = 1.0
+    vicreg_sim: float = 25.0
+    vicreg_std: float = 25.0
+    vicreg_cov: float = 1.0
+    detach_target: bool = True          # no gradient through the target branch (matters with an expander)
+    # optimisation
+    epochs: int = 30
+    batch_size: int = 256               # upper bound; small train sets use smaller batches
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False               # torch.compile the model; pays off only for long GPU runs
+
+    def __post_init__(self) -> None:
+        if self.impute not in IMPUTE_MODES:
+            raise FitError(f"impute must be one of {IMPUTE_MODES}, got {self.impute!r}")
+        for name in ("train_missing_type", "test_missing_type"):
+            if getattr(self, name) not in MISSING_TYPES:
+                raise FitError(f"{name} must be one of {MISSING_TYPES}, got {getattr(self, name)!r}")
+        for name in ("train_missing_rate", "test_missing_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise FitError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("epochs", "batch_size", "predictor_depth", "classifier_depth"):
+            if getattr(self, name) < 1:
+                raise FitError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FitConfig":
+        """Inverse of dataclasses.asdict; unknown keys (e.g. the `resolved` block) are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def mlp(d_in: int, d_out: int, hidden: int, depth: int, dropout: float) -> nn.Sequential:
+    """`depth` linear layers with GELU and dropout between them (depth 1 = a linear map)."""
+    widths = [d_in] + [hidden] * (depth - 1) + [d_out]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        if i > 0:
+            layers += [nn.GELU(), nn.Dropout(dropout)]
+        layers.append(nn.Linear(a, b))
+    return nn.Sequential(*layers)
+
+
+class FusionOutput(NamedTuple):
+    logits: torch.Tensor                 # (B, n_outputs)
+    z: dict[str, torch.Tensor]           # standardised real embeddings, 0 where absent
+    pred: dict[str, torch.Tensor]        # direction -> standardised prediction of the target modality
+
+
+class FusionModel(nn.Module):
+    """Two predictors (one per direction) and a classifier on the concatenated embeddings."""
+
+    def __init__(self, dims: dict[str, int], n_outputs: int, cfg: FitConfig):
+        super().__init__()
+        self.impute = cfg.impute
+        self.dims = dict(dims)
+        self.vicreg_weights = dict(sim=cfg.vicreg_sim, std=cfg.vicreg_std, cov=cfg.vicreg_cov)
+        self.detach_target = cfg.detach_target
+        for m in MODALITIES:
+            self.register_buffer(f"mean_{m}", torch.zeros(dims[m]))
+            self.register_buffer(f"std_{m}", torch.ones(dims[m]))
+        self.predictors = nn.ModuleDict()
+        self.expanders = nn.ModuleDict()
+        if cfg.impute == "predict":
+            for name, (src, dst) in DIRECTIONS.items():
+                self.predictors[name] = mlp(dims[src], dims[dst], cfg.predictor_hidden,
+                                            cfg.predictor_depth, cfg.predictor_dropout)
+            if cfg.expander_dim > 0:
+                for m in MODALITIES:  # one per target modality, shared by prediction and target
+                    self.expanders[m] = mlp(dims[m], cfg.expander_dim, cfg.expander_dim, 2, 0.0)
+        self.classifier = mlp(sum(dims[m] for m in MODALITIES), n_outputs, cfg.classifier_hidden,
+                              cfg.classifier_depth, cfg.classifier_dropout)
+
+    @torch.no_grad()
+    def set_normalization(self, mean: dict[str, torch.Tensor], std: dict[str, torch.Tensor]) -> None:
+        for m in MODALITIES:
+            getattr(self, f"mean_{m}").copy_(mean[m])
+            getattr(self, f"std_{m}").copy_(std[m])
+
+    def standardize(self, m: str, x: torch.Tensor) -> torch.Tensor:
+        return (x - getattr(self, f"mean_{m}")) / getattr(self, f"std_{m}")
+
+    def unstandardize(self, m: str, z: torch.Tensor) -> torch.Tensor:
+        return z * getattr(self, f"std_{m}") + getattr(self, f"mean_{m}")
+
+    def forward(self, x: dict[str, torch.Tensor], has: dict[str, torch.Tensor]) -> FusionOutput:
+        """x: raw embeddings per modality (B, D_m); has: bool (B,) per modality."""
+        # Absent rows hold meaningless values; multiply (not index) so shapes stay static (no host sync).
+        z = {m: self.standardize(m, x[m]) * has[m].unsqueeze(1) for m in MODALITIES}
+        pred = {name: net(z[DIRECTIONS[name][0]]) for name, net in self.predictors.items()}
+        filled = {dst: torch.where(has[dst].unsqueeze(1), z[dst], self.fill(dst, pred.get(name), has[src]))
+                  for name, (src, dst) in DIRECTIONS.items()}
+        logits = self.classifier(torch.cat([filled[m] for m in MODALITIES], dim=1))
+        return FusionOutput(logits, z, pred)
+
+    def fill(self, m: str, prediction: torch.Tensor | None, has_source: torch.Tensor) -> torch.Tensor:
+        """What stands in for modality m where it is absent (broadcasts against (B, D_m))."""
+        if self.impute == "zero":  # a raw zero vector, in standardised coordinates
+            return -getattr(self, f"mean_{m}") / getattr(self, f"std_{m}")
+        if self.impute == "mean" or prediction is None:
+            return torch.zeros((), device=has_source.device)
+        # predict; a row with neither modality gets the train mean (0), not a prediction from nothing
+        return prediction * has_source.unsqueeze(1)
+
+    def vicreg(self, out: FusionOutput, n_paired: int) -> torch.Tensor:
+        """Sum over both directions of VICReg(prediction, real) on the first n_paired rows of the batch.
+
+        The caller puts the rows that have both modalities first, so the slice has a static shape.
+        """
+        total = torch.zeros((), device=out.logits.device)
+        for name, (src, dst) in DIRECTIONS.items():
+            x, y = out.pred[name][:n_paired], out.z[dst][:n_paired]
+            if dst in self.expanders:
+                x, y = self.expanders[dst](x), self.expanders[dst](y)
+            if self.detach_target:  # a no-op without an expander: cached features carry no gradient
+                y = y.detach()
+            total = total + vicreg_loss(x, y, **self.vicreg_weights)
+        return total

@@ -1,0 +1,110 @@
+"""Synthetic feature caches with a known latent structure, for tests and `embcache bench fit`.
+
+Each sample has a latent vector z = [z_shared, z_image_only, z_text_only] (standard normal). The image
+embedding is a random linear map of [z_shared, z_image_only] plus noise and an offset, the text embedding
+likewise from [z_shared, z_text_only]. So:
+
+- text is predictable from the image (and back) only through z_shared: the best predictor is linear and
+  its R2 is set by `shared_dim`, `private_dim` and `noise` (a ridge regression gets close to it);
+- labels depend on all of z, so each modality carries information the other lacks and late fusion helps;
+- embeddings have a non-zero mean, so "zero" and "mean" imputation differ, as with real encoders.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from embcache.store import CachedFeatures, create_store, mark_complete, write_rows, SPLIT_CODES
+
+REASONS = ["present", "missing_field", "missing_file", "empty_text"]
+MMIMDB_SIZES = {"n_train": 15_552, "n_val": 2_608, "n_test": 7_799}
+
+
+def _orthonormal_rows(rng: np.random.Generator, k: int, d: int) -> np.ndarray:
+    """k orthonormal rows in R^d (k <= d), scaled so the signal per dimension is about 1."""
+    q, _ = np.linalg.qr(rng.standard_normal((d, k)))
+    return q.T * np.sqrt(d / k)
+
+
+def encoder_attrs(modality: str, dim: int, dtype: str, seed: int) -> dict:
+    sha = hashlib.sha256(f"synthetic-{modality}-{dim}-{seed}".encode()).hexdigest()
+    return {"backend": "synthetic", "model": f"synthetic-{modality}-{dim}", "checkpoint_sha256": sha,
+            "bitfit_sha256": None, "preprocess": {}, "pooling": "none", "dim": dim, "dtype": dtype,
+            "versions": {}}
+
+
+def make_features(*, n_train: int = 2000, n_val: int = 500, n_test: int = 1000,
+                  d_image: int = 64, d_text: int = 48, n_classes: int = 8, task_type: str = "multilabel",
+                  shared_dim: int = 16, private_dim: int = 4, noise: float = 0.2,
+                  absent_image: float = 0.0, absent_text: float = 0.0, absent_both: float = 0.0,
+                  seed: int = 0) -> CachedFeatures:
+    """An in-memory cache (what `FeatureStore.load()` returns); `write_store` puts it on disk.
+
+    absent_*: fractions of rows the *data* lacks (image only, text only, both), before any protocol.
+    """
+    rng = np.random.default_rng(seed)
+    n = n_train + n_val + n_test
+    k = shared_dim + 2 * private_dim
+    z = rng.standard_normal((n, k)).astype(np.float64)
+    z_shared, z_img, z_txt = np.split(z, [shared_dim, shared_dim + private_dim], axis=1)
+    emb = {}
+    for m, private, dim in (("image", z_img, d_image), ("text", z_txt, d_text)):
+        signal = np.concatenate([z_shared, private], axis=1) @ _orthonormal_rows(rng, shared_dim + private_dim, dim)
+        offset = rng.normal(0.5, 0.5, size=dim)
+        emb[m] = (signal + noise * rng.standard_normal((n, dim)) + offset).astype(np.float32)
+
+    # Labels from all of z (shared and both private parts), with label noise.
+    score = z @ rng.standard_normal((k, n_classes)) / np.sqrt(k) + 0.3 * rng.standard_normal((n, n_classes))
+    if task_type == "multilabel":
+        prevalence = rng.uniform(0.1, 0.4, size=n_classes)
+        thresholds = [np.quantile(score[:, c], 1 - prevalence[c]) for c in range(n_classes)]
+        labels = (score > np.array(thresholds)).astype(np.uint8)
+    elif task_type == "multiclass":
+        labels = score.argmax(axis=1).astype(np.int64)
+    elif task_type == "binary":
+        labels = (score[:, 0] > 0).astype(np.int64)
+        n_classes = 2
+    else:
+        raise ValueError(f"unknown task type {task_type!r}")
+
+    # Which modalities the data itself lacks; mutually exclusive groups.
+    u = rng.random(n)
+    lacks_both = u < absent_both
+    lacks_image = (u >= absent_both) & (u < absent_both + absent_image)
+    lacks_text = (u >= absent_both + absent_image) & (u < absent_both + absent_image + absent_text)
+    present = {"image": ~(lacks_both | lacks_image), "text": ~(lacks_both | lacks_text)}
+    for m in present:
+        emb[m][~present[m]] = 0.0  # the cache's contract: absent rows hold zeros
+
+    split = np.repeat(np.array([SPLIT_CODES["train"], SPLIT_CODES["val"], SPLIT_CODES["test"]], dtype=np.int8),
+                      [n_train, n_val, n_test])
+    rng.shuffle(split)
+    return CachedFeatures(
+        ids=np.array([f"syn{seed}-{i:07d}" for i in range(n)], dtype=object), split=split, labels=labels,
+        task_type=task_type, classes=[f"class{c}" for c in range(n_classes)], emb=emb, present=present,
+        encoders={m: encoder_attrs(m, emb[m].shape[1], "float32", seed) for m in ("image", "text")},
+        meta={"dataset": {"name": "synthetic", "n_rows": n}},
+    )
+
+
+def write_store(url: str, features: CachedFeatures, *, dtype: str = "float32", overwrite: bool = True) -> str:
+    """Write `features` as a complete embcache store (docs/cache-format.md)."""
+    encoders = {m: {**enc, "dtype": dtype} for m, enc in features.encoders.items()}
+    root = create_store(url, ids=list(features.ids), split=features.split, labels=features.labels,
+                        dataset={"name": "synthetic", "source": "embcache.synthetic"},
+                        task={"type": features.task_type, "classes": features.classes},
+                        encoders=encoders, reasons=REASONS, overwrite=overwrite)
+    problems = {}
+    for m, emb in features.emb.items():
+        present = features.present[m]
+        reason = np.where(present, 0, REASONS.index("missing_file")).astype(np.uint8)
+        write_rows(root, m, 0, emb, present, reason)
+        problems[f"{m}_missing_file"] = int((~present).sum())
+    mark_complete(root, problems)
+    return url
+
+
+def make_store(url: str, *, dtype: str = "float32", **kw) -> str:
+    """`make_features(**kw)` written to `url`."""
+    return write_store(url, make_features(**kw), dtype=dtype)

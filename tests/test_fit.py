@@ -1,0 +1,221 @@
+"""`embcache fit` / `eval` on synthetic caches with a known latent structure."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from embcache import synthetic
+from embcache.cli.fit import eval_command, fit_command
+from embcache.evaluate import auroc, f1_scores, load_dataset, r2_score
+from embcache.missing import SCENARIOS, apply_missing
+from embcache.models import FitConfig, FitError
+from embcache.train import fit
+
+SIZES = dict(n_train=1500, n_val=300, n_test=600, d_image=48, d_text=32, shared_dim=12, private_dim=4)
+SMALL = ["--predictor-hidden", "128", "--classifier-hidden", "128", "--quiet"]
+
+
+def invoke(command, args):
+    return CliRunner().invoke(command, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("stores") / "syn.zarr")
+    # The data itself lacks some images, some texts and a few rows both.
+    return synthetic.make_store(url, **SIZES, n_classes=6, absent_image=0.04, absent_text=0.04,
+                                absent_both=0.01)
+
+
+@pytest.fixture(scope="module")
+def runs(store, tmp_path_factory):
+    """One run per imputation, default protocol (train and test at rate 0.7, type both)."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for impute in ("predict", "zero"):
+        result = invoke(fit_command, [store, "--out", root / impute, "--impute", impute, "--epochs", 15, *SMALL])
+        assert result.exit_code == 0, result.output
+        out[impute] = root / impute
+    return out
+
+
+def test_run_folder_layout_and_metrics_keys(runs):
+    run = runs["predict"]
+    assert {p.name for p in run.iterdir()} == {"config.json", "model.safetensors", "curves.jsonl",
+                                               "metrics.json", "curves.png", "scenarios.png"}
+    assert not [p for p in run.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "multilabel" and metrics["metric"] == "f1_macro"
+    for split in ("val", "test"):
+        assert set(metrics[split]) == set(SCENARIOS)
+        for values in metrics[split].values():
+            assert set(values) == {"f1_macro", "f1_micro"} and all(0 <= v <= 1 for v in values.values())
+    assert set(metrics["predictor"]) == {"image_to_text", "text_to_image"}
+    assert all(set(q) == {"cosine", "r2"} for q in metrics["predictor"].values())
+    selection = metrics["selection"]
+    assert selection["scenario"] == "missing-both" and 1 <= selection["best_epoch"] <= 15
+    curves = [json.loads(line) for line in (run / "curves.jsonl").read_text().splitlines()]
+    assert len(curves) == 15 and curves[selection["best_epoch"] - 1]["val_f1_macro"] == selection["value"]
+    config = json.loads((run / "config.json").read_text())
+    assert FitConfig.from_dict(config).impute == "predict" and config["resolved"]["rows"]["train_paired"] > 0
+
+
+def ridge_r2(store, src, dst, lam=1.0):
+    """Closed-form ridge from the same standardised features and training rows as the predictor."""
+    data = load_dataset(store)
+    train, test = data.splits["train"], data.splits["test"]
+    has = apply_missing(train.ids, train.present, 0.7, "both", 0)
+    stats = {m: (train.emb[m][has[m]].mean(0), train.emb[m][has[m]].std(0)) for m in has}
+
+    def z(split, m):
+        return (split.emb[m] - stats[m][0]) / stats[m][1]
+
+    fit_rows = has["image"] & has["text"]
+    test_rows = test.present["image"] & test.present["text"]
+    x = np.c_[z(train, src)[fit_rows], np.ones(fit_rows.sum())]
+    w = np.linalg.solve(x.T @ x + lam * np.eye(x.shape[1]), x.T @ z(train, dst)[fit_rows])
+    pred = np.c_[z(test, src)[test_rows], np.ones(test_rows.sum())] @ w
+    return r2_score(torch.as_tensor(pred), torch.as_tensor(z(test, dst)[test_rows]))
+
+
+def test_predictor_r2_approaches_ridge(store, runs):
+    predictor = json.loads((runs["predict"] / "metrics.json").read_text())["predictor"]
+    for name, (src, dst) in {"image_to_text": ("image", "text"), "text_to_image": ("text", "image")}.items():
+        reference = ridge_r2(store, src, dst)
+        assert reference > 0.5  # the synthetic latent structure makes the target predictable
+        assert predictor[name]["r2"] > reference - 0.08, (name, predictor[name], reference)
+        assert predictor[name]["cosine"] > 0.8
+
+
+def test_predict_not_worse_than_zero_under_missing_both(runs):
+    score = {k: json.loads((p / "metrics.json").read_text())["test"] for k, p in runs.items()}
+    assert score["predict"]["missing-both"]["f1_macro"] >= score["zero"]["missing-both"]["f1_macro"] - 0.01
+    # the zero baseline has no predictor: a zero vector explains none of the target
+    baseline = json.loads((runs["zero"] / "metrics.json").read_text())["predictor"]
+    assert all(q["r2"] < 0.05 for q in baseline.values())
+
+
+def test_eval_reproduces_metrics_and_prints_table(runs, tmp_path):
+    out = tmp_path / "eval.json"
+    result = invoke(eval_command, [runs["predict"], "--json", out])
+    assert result.exit_code == 0, result.output
+    for scenario in SCENARIOS:
+        assert scenario in result.output
+    saved = json.loads((runs["predict"] / "metrics.json").read_text())
+    again = json.loads(out.read_text())
+    for split in ("val", "test"):
+        for scenario in SCENARIOS:
+            assert again[split][scenario] == pytest.approx(saved[split][scenario], abs=1e-6)
+    assert invoke(eval_command, [runs["predict"], "--rate", 0.3]).exit_code == 0
+
+
+@pytest.mark.parametrize("task_type,metric", [("multiclass", "accuracy"), ("binary", "auroc")])
+def test_seeds_summary_and_other_tasks(tmp_path, task_type, metric):
+    store = synthetic.make_store(str(tmp_path / "s.zarr"), n_train=400, n_val=100, n_test=100, d_image=16,
+                                 d_text=12, n_classes=4, task_type=task_type, shared_dim=6, private_dim=2)
+    result = invoke(fit_command, [store, "--out", tmp_path / "run", "--seeds", "0,1", "--epochs", 2, *SMALL])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["kind"] == "summary" and summary["seeds"] == [0, 1] and summary["metric"] == metric
+    assert set(summary["test"]) == set(SCENARIOS) and metric in summary["test"]["full"]
+    assert summary["std"]["test"]["full"][metric] >= 0
+    for seed in (0, 1):
+        assert (tmp_path / "run" / f"seed-{seed}" / "model.safetensors").exists()
+    result = invoke(eval_command, [tmp_path / "run"])
+    assert result.exit_code == 0 and "±" in result.output
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------------
+def test_auroc_with_ties_matches_pair_counting():
+    rng = np.random.default_rng(0)
+    scores, y = rng.integers(0, 5, 200).astype(float), rng.integers(0, 2, 200)
+    pos, neg = scores[y == 1], scores[y == 0]
+    expected = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+    assert auroc(torch.as_tensor(scores), torch.as_tensor(y)) == pytest.approx(expected)
+    assert auroc(torch.ones(3), torch.ones(3)) is None
+
+
+def test_f1_macro_at_threshold_half():
+    y = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=torch.float)
+    logits = torch.tensor([[2.0, -1, -1], [-1, 1, -1], [1, 1, -1]])  # class 2: no positives, no predictions
+    scores = f1_scores(logits, y)
+    assert scores["f1_macro"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert scores["f1_micro"] == pytest.approx(2 * 3 / (2 * 3 + 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: a clear error, exit code != 0, nothing written
+# ------------------------------------------------------------------------------------------------
+def expect_error(store, tmp_path, match, *extra):
+    out = tmp_path / "bad-run"
+    result = invoke(fit_command, [store, "--out", out, "--epochs", 1, *SMALL, *extra])
+    assert result.exit_code != 0 and "Error" in result.output and match in result.output, result.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bad-run")]
+    return result
+
+
+def small_features(**kw):
+    return synthetic.make_features(**{**dict(n_train=200, n_val=50, n_test=50, d_image=8, d_text=8,
+                                             shared_dim=4, private_dim=1), **kw})
+
+
+def test_unknown_format_version(store, tmp_path):
+    url = synthetic.write_store(str(tmp_path / "v2.zarr"), small_features())
+    group = zarr.open_group(url, mode="r+")
+    group.attrs["embcache"] = {**group.attrs["embcache"], "format": 2}
+    expect_error(url, tmp_path, "format 2")
+
+
+def test_fingerprint_mismatch(tmp_path):
+    url = synthetic.write_store(str(tmp_path / "a.zarr"), small_features(seed=0))
+    other = synthetic.write_store(str(tmp_path / "b.zarr"), small_features(seed=1))
+    expect_error(url, tmp_path, "was not made like", "--val-store", other)
+    group = zarr.open_group(other, mode="r+")
+    group["image"].attrs["encoder"] = {**group["image"].attrs["encoder"], "model": "something-else"}
+    expect_error(other, tmp_path, "fingerprint does not match")
+
+
+def test_no_training_rows_with_both_modalities(tmp_path):
+    url = synthetic.write_store(str(tmp_path / "s.zarr"), small_features())
+    result = expect_error(url, tmp_path, "--impute mean", "--train-missing-rate", 1.0)
+    assert "both modalities" in result.output
+    assert invoke(fit_command, [url, "--out", tmp_path / "ok", "--train-missing-rate", 1.0,
+                                "--impute", "mean", "--epochs", 1, *SMALL]).exit_code == 0
+
+
+def test_nan_in_embeddings(tmp_path):
+    features = small_features()
+    row = int(np.flatnonzero(features.present["text"])[3])
+    features.emb["text"][row, 2] = np.inf
+    url = synthetic.write_store(str(tmp_path / "s.zarr"), features)
+    expect_error(url, tmp_path, "NaN or inf")
+
+
+def test_labels_out_of_range(tmp_path):
+    features = small_features(task_type="multiclass", n_classes=3)
+    features.labels[5] = 3
+    url = synthetic.write_store(str(tmp_path / "s.zarr"), features)
+    expect_error(url, tmp_path, "out of range")
+
+
+def test_existing_output_and_failure_midway_leave_nothing_half_written(store, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    expect_error_result = invoke(fit_command, [store, "--out", out, *SMALL])
+    assert expect_error_result.exit_code != 0 and "--overwrite" in expect_error_result.output
+    out.rmdir()
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("embcache.plots.plot_scenarios", explode)
+    with pytest.raises(RuntimeError):
+        fit(FitConfig(store=store, epochs=1, predictor_hidden=32, classifier_hidden=32), out, progress=False)
+    assert os.listdir(tmp_path) == []

@@ -50,11 +50,17 @@ def _config(dataset, root, out, option, **kw):
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--chunk-rows", type=int, default=None, help="Rows per Zarr chunk (default: about 4 MB chunks).")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with other encoders or data.")
+@click.option("--limit", type=int, default=None, help="Only the first N samples (a quick trial).")
 @click.option("--option", multiple=True, metavar="KEY=VALUE", help="Reader option, e.g. val_fraction=0.1.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors(DatasetError, EncoderError, StoreError, ValueError)
 def extract_command(dataset, root, out, option, quiet, **kw):
-    """Run the frozen encoders once over a dataset and write the feature cache (docs/cache-format.md)."""
+    """Run the frozen encoders once over a dataset and write the feature cache (docs/cache-format.md).
+
+    Killed at any point, the same command resumes where it stopped. Under torchrun
+    (`torchrun --nproc_per_node K -m embcache.cli extract ...`) each process writes its own whole chunks of
+    one store. --out may be a path or an fsspec URL (file://, s3://, gs://, memory://).
+    """
     from embcache.extract import extract
 
     report = extract(_config(dataset, root, out, option, **kw), progress=not quiet, log=click.echo)

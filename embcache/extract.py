@@ -9,6 +9,7 @@ so the encoder is rarely left waiting for input or output.
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import threading
 import time
@@ -26,6 +27,8 @@ from embcache.encoders import (DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, Enco
 # Absence reasons the extractor itself can find (the dataset readers report the others).
 DECODE_REASONS = ("undecodable_image", "truncated_image", "oversized_image")
 BASE_REASONS = ("present", "missing_field", "missing_file", "empty_text", "non_utf8_text") + DECODE_REASONS
+# Larger images are refused before decoding: one would take gigabytes (PIL only refuses above 179M pixels).
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 class ExtractError(ValueError):
@@ -80,6 +83,8 @@ def read_image(path: str, preprocess) -> tuple[torch.Tensor | None, str | None]:
 
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                return None, "oversized_image"
             image.load()  # PIL decodes lazily: force it here so a truncated file fails now
             return preprocess(image), None
     except Image.DecompressionBombError:
@@ -135,18 +140,18 @@ class Collate:
 
 
 class ChunkWriter:
-    """Collects rows in order and writes each chunk once it is full, from a background thread.
+    """Writes finished row chunks from a background thread, then records each chunk as done.
 
-    Writing whole chunks means no chunk is ever written twice, which keeps the store valid if the process dies
-    and lets several writers share a store as long as they own disjoint chunks.
+    Batches never cross a chunk boundary and arrive in order, so a chunk is complete when its last row arrives.
+    The data of a chunk is written before its `chunks_done` flag: a process killed at any moment leaves either a
+    committed chunk or one that a restart will redo.
     """
 
-    def __init__(self, root, modalities: dict[str, int], n_rows: int, chunk_rows: int, emb_dtype: str):
-        self.root, self.n_rows, self.chunk_rows = root, n_rows, chunk_rows
-        self.buffers = {m: (np.zeros((chunk_rows, dim), dtype=emb_dtype), np.zeros(chunk_rows, bool),
-                            np.zeros(chunk_rows, np.uint8)) for m, dim in modalities.items()}
-        self.chunk_start = 0
-        self.filled = 0
+    def __init__(self, root, modalities: dict[str, int], meta: dict, emb_dtype: str):
+        self.root, self.meta = root, meta
+        rows = meta["chunk_rows"]
+        self.buffers = {m: (np.zeros((rows, dim), dtype=emb_dtype), np.zeros(rows, bool), np.zeros(rows, np.uint8))
+                        for m, dim in modalities.items()}
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="embcache-writer", daemon=True)
@@ -167,33 +172,24 @@ class ChunkWriter:
         try:
             while (item := self.queue.get()) is not None:
                 self._add(*item)
-            if self.filled:
-                self._flush()
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self.error = exc
             while self.queue.get() is not None:  # drain so the producer never blocks forever
                 pass
 
     def _add(self, start: int, block) -> None:
+        chunk = start // self.meta["chunk_rows"]
+        chunk_start, chunk_stop = st.chunk_bounds(self.meta, chunk)
+        offset = start - chunk_start
         n = len(next(iter(block.values()))[0])
-        assert start == self.chunk_start + self.filled, "rows must arrive in order"
-        done = 0
-        while done < n:
-            take = min(n - done, self.chunk_rows - self.filled)
-            for m, arrays in block.items():
-                for buf, src in zip(self.buffers[m], arrays):
-                    buf[self.filled:self.filled + take] = src[done:done + take]
-            self.filled += take
-            done += take
-            if self.filled == self.chunk_rows or self.chunk_start + self.filled == self.n_rows:
-                self._flush()
-
-    def _flush(self) -> None:
-        for m, (emb, present, reason) in self.buffers.items():
-            st.write_rows(self.root, m, self.chunk_start, emb[:self.filled], present[:self.filled],
-                          reason[:self.filled])
-        self.chunk_start += self.filled
-        self.filled = 0
+        for m, arrays in block.items():
+            for buf, src in zip(self.buffers[m], arrays):
+                buf[offset:offset + n] = src
+        if start + n == chunk_stop:
+            size = chunk_stop - chunk_start
+            for m, (emb, present, reason) in self.buffers.items():
+                st.write_rows(self.root, m, chunk_start, emb[:size], present[:size], reason[:size])
+            st.mark_chunk_done(self.root, chunk)
 
 
 # ---------------------------------------------------------------- the run
@@ -227,17 +223,87 @@ def encode_rows(encoder: Encoder, batch, device: torch.device) -> torch.Tensor:
         return encoder.encode(batch, device)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
+        n = len(batch) if isinstance(batch, torch.Tensor) else len(batch["input_ids"])
+        if n == 1:
+            raise
         if isinstance(batch, torch.Tensor):
-            n, halves = len(batch), None
-            if n == 1:
-                raise
             halves = (batch[: n // 2], batch[n // 2:])
         else:
-            n = len(batch["input_ids"])
-            if n == 1:
-                raise
             halves = ({k: v[: n // 2] for k, v in batch.items()}, {k: v[n // 2:] for k, v in batch.items()})
         return torch.cat([encode_rows(encoder, half, device) for half in halves])
+
+
+def chunk_batches(meta: dict, chunks: list[int], batch_size: int) -> list[list[int]]:
+    """Row batches that never cross a chunk boundary, so a chunk's batches (and values) do not depend on
+    which chunks a run, a restart or another rank handles."""
+    batches = []
+    for chunk in chunks:
+        start, stop = st.chunk_bounds(meta, chunk)
+        batches += [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
+    return batches
+
+
+@dataclass
+class Ranks:
+    """This process's share of an extraction run by several processes (torchrun sets RANK/WORLD_SIZE)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")  # CPU-side coordination only: two barriers per run
+        return cls(int(os.environ.get("RANK", "0")), world)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def prepare_store(cfg: ExtractConfig, dataset: ds.Dataset, enc_attrs: dict, log) -> tuple[object, bool]:
+    """Create the store, or reopen one this same extraction started. Returns (root, already complete)."""
+    dataset_meta = {"name": dataset.name, "source": dataset.source, "options": cfg.dataset_options}
+    existing = st.read_meta(cfg.out)
+    if existing is not None and not cfg.overwrite:
+        wanted = st.fingerprint({"dataset": {**dataset_meta, "n_rows": len(dataset.samples)}}, enc_attrs)
+        diffs = st.fingerprint_diff(existing.get("fingerprint", {}), wanted)
+        if diffs:
+            raise ExtractError(f"{cfg.out} already holds features made differently ({'; '.join(diffs)}); "
+                               "pass --overwrite to replace it, or choose another --out")
+        if cfg.chunk_rows and cfg.chunk_rows != existing["chunk_rows"]:
+            raise ExtractError(f"{cfg.out} was started with --chunk-rows {existing['chunk_rows']}; "
+                               "resume with the same value or pass --overwrite")
+        root = st.open_store(cfg.out, require_complete=False, mode="r+").root
+        if existing.get("complete"):
+            log(f"{cfg.out} is already complete with the same encoders and data: nothing to do")
+        else:
+            done = int(st.chunks_done(root).sum())
+            log(f"{cfg.out}: resuming, {done} of {len(st.chunks_done(root))} chunks already written")
+        return root, bool(existing.get("complete"))
+    try:
+        root = st.create_store(
+            cfg.out, ids=[s.id for s in dataset.samples],
+            split=np.array([st.SPLIT_CODES[s.split] for s in dataset.samples], dtype=np.int8),
+            labels=labels_array(dataset), dataset=dataset_meta,
+            task={"type": dataset.task, "classes": list(dataset.classes)}, encoders=enc_attrs,
+            reasons=reason_vocabulary(dataset), chunk_rows=cfg.chunk_rows, overwrite=True)
+    except OSError as exc:
+        raise ExtractError(f"cannot create the store {cfg.out}: {exc}") from exc
+    return root, False
+
+
+def count_problems(root, dataset: ds.Dataset) -> dict[str, int]:
+    """Reader problems plus decode failures, the latter counted from the stored reason codes so that resumed
+    and multi-process runs count every row exactly once."""
+    problems = collections.Counter(dataset.problems)
+    names = list(root["image"].attrs["reasons"])
+    codes = np.bincount(np.asarray(root["image"]["reason"][:]), minlength=len(names))
+    for reason in DECODE_REASONS:
+        if codes[names.index(reason)]:
+            problems[reason] += int(codes[names.index(reason)])
+    return dict(sorted(problems.items()))
 
 
 def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> ExtractReport:
@@ -253,46 +319,37 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> ExtractRepo
     device = resolve_device(cfg.device)
     batch_size = cfg.batch_size or (256 if device.type == "cuda" else 64)
     encoders = load_encoders(cfg)
-    enc_attrs = {m: e.attrs for m, e in encoders.items()}
-    dataset_meta = {"name": dataset.name, "source": dataset.source, "options": cfg.dataset_options}
-
-    existing = st.read_meta(cfg.out)
-    if existing is not None and not cfg.overwrite:
-        wanted = st.fingerprint({"dataset": {**dataset_meta, "n_rows": len(dataset.samples)}}, enc_attrs)
-        diffs = st.fingerprint_diff(existing.get("fingerprint", {}), wanted)
-        if diffs:
-            raise ExtractError(f"{cfg.out} already holds features made differently ({'; '.join(diffs)}); "
-                               "pass --overwrite to replace it, or choose another --out")
-        if existing.get("complete"):
-            log(f"{cfg.out} is already complete with the same encoders and data: nothing to do")
-            return ExtractReport(cfg.out, len(dataset.samples), {}, existing.get("problems", {}), 0.0, 0.0,
-                                 skipped=True)
-
-    reasons = reason_vocabulary(dataset)
-    code = {name: i for i, name in enumerate(reasons)}
+    ranks = Ranks.from_env()
     n = len(dataset.samples)
-    root = st.create_store(
-        cfg.out, ids=[s.id for s in dataset.samples],
-        split=np.array([st.SPLIT_CODES[s.split] for s in dataset.samples], dtype=np.int8),
-        labels=labels_array(dataset), dataset=dataset_meta,
-        task={"type": dataset.task, "classes": list(dataset.classes)}, encoders=enc_attrs, reasons=reasons,
-        chunk_rows=cfg.chunk_rows, overwrite=True)
-    chunk_rows = root.attrs[st.ATTRS_KEY]["chunk_rows"]
 
+    if ranks.rank == 0:
+        root, complete = prepare_store(cfg, dataset, {m: e.attrs for m, e in encoders.items()}, log)
+    ranks.barrier()
+    if ranks.rank != 0:
+        root = st.open_store(cfg.out, require_complete=False, mode="r+").root
+        complete = bool(root.attrs[st.ATTRS_KEY]["complete"])
+    meta = dict(root.attrs[st.ATTRS_KEY])
+    if complete:
+        return ExtractReport(cfg.out, n, {}, meta.get("problems", {}), 0.0, 0.0, skipped=True)
+
+    pending = [int(c) for c in np.flatnonzero(~st.chunks_done(root))]
+    mine = pending[ranks.rank::ranks.world]  # whole chunks per rank: no two writers share a chunk file
+    batches = chunk_batches(meta, mine, batch_size)
+    code = {name: i for i, name in enumerate(root["image"].attrs["reasons"])}
     for enc in encoders.values():
         enc.to(device)
     loader = DataLoader(
-        SampleSource(dataset.samples, encoders["image"].preprocess, True, True),
-        batch_size=batch_size, shuffle=False, num_workers=cfg.workers,
-        collate_fn=Collate(encoders["text"].preprocess), pin_memory=device.type == "cuda",
-        persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
-    writer = ChunkWriter(root, {m: e.dim for m, e in encoders.items()}, n, chunk_rows, cfg.dtype)
-    decode_problems: collections.Counter = collections.Counter()
+        SampleSource(dataset.samples, encoders["image"].preprocess, True, True), batch_sampler=batches,
+        num_workers=cfg.workers, collate_fn=Collate(encoders["text"].preprocess),
+        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
+    writer = ChunkWriter(root, {m: e.dim for m, e in encoders.items()}, meta, cfg.dtype)
     present_count = {m: 0 for m in encoders}
+    todo = sum(len(b) for b in batches)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n, unit="sample", desc="extract", disable=not progress)
+    bar = tqdm(total=todo, unit="sample", desc="extract" if ranks.world == 1 else f"extract rank {ranks.rank}",
+               disable=not progress)
     loop_started = time.perf_counter()
     try:
         for batch in loader:
@@ -303,10 +360,7 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> ExtractRepo
                 present = np.zeros(len(rows), dtype=bool)
                 reason = np.zeros(len(rows), dtype=np.uint8)
                 for k, row in enumerate(rows):
-                    why = dataset.samples[row].absent.get(m)
-                    if m == "image" and why is None and batch["failures"][k] is not None:
-                        why = batch["failures"][k]
-                        decode_problems[why] += 1
+                    why = dataset.samples[row].absent.get(m) or (batch["failures"][k] if m == "image" else None)
                     if why is not None:
                         reason[k] = code[why]
                 pos = batch[pos_key].numpy()
@@ -319,15 +373,23 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> ExtractRepo
             bar.update(len(rows))
     finally:
         bar.close()
-        writer.close()
+        try:
+            writer.close()
+        except OSError as exc:
+            done = int(st.chunks_done(root).sum())
+            raise ExtractError(f"could not write to {cfg.out}: {exc}. The {done} chunks written so far are "
+                               "kept; free space or fix permissions and re-run the same command to resume") from exc
 
     loop_seconds = time.perf_counter() - loop_started
-    problems = collections.Counter(dataset.problems) + decode_problems
+    ranks.barrier()
+    problems = count_problems(root, dataset)
     seconds = time.perf_counter() - started
-    stats = {"batch_size": batch_size, "device": str(device), "workers": cfg.workers,
-             "seconds": round(seconds, 3), "samples_per_s": round(n / loop_seconds, 2)}
-    st.mark_complete(root, dict(problems), extra={"extract": stats})
-    return ExtractReport(cfg.out, n, present_count, dict(sorted(problems.items())), seconds, n / loop_seconds)
+    rate = todo / loop_seconds if loop_seconds > 0 else 0.0
+    if ranks.rank == 0 and st.chunks_done(root).all():
+        stats = {"batch_size": batch_size, "device": str(device), "workers": cfg.workers, "processes": ranks.world,
+                 "seconds": round(seconds, 3), "samples_per_s": round(rate, 2)}
+        st.mark_complete(root, problems, extra={"extract": stats})
+    return ExtractReport(cfg.out, n, present_count, problems, seconds, rate)
 
 
 def config_dict(cfg: ExtractConfig) -> dict:

@@ -8,7 +8,6 @@ never mistakes a half-written store for a finished one. Readers go through
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +31,9 @@ class StoreError(ValueError):
 
 
 def _open_group(url: str, mode: str, storage_options: dict | None = None) -> zarr.Group:
+    """Open a local path or any fsspec URL (file://, memory://, s3://, gs://, ...)."""
+    if url.startswith("file://") and not storage_options:
+        storage_options = {"auto_mkdir": True}  # fsspec's local filesystem does not create folders by itself
     return zarr.open_group(url, mode=mode, storage_options=storage_options or None)
 
 
@@ -49,6 +51,7 @@ def fingerprint(meta: dict, encoders: dict[str, dict]) -> dict:
     """What must match for an existing store to be reused by a new extraction."""
     return {
         "dataset": meta["dataset"]["name"],
+        "options": meta["dataset"].get("options") or {},
         "n_rows": meta["dataset"]["n_rows"],
         "encoders": {m: {k: enc.get(k) for k in FINGERPRINT_FIELDS} for m, enc in sorted(encoders.items())},
     }
@@ -57,7 +60,7 @@ def fingerprint(meta: dict, encoders: dict[str, dict]) -> dict:
 def fingerprint_diff(old: dict, new: dict) -> list[str]:
     """Human-readable list of the fields that differ between two fingerprints."""
     diffs = []
-    for key in ("dataset", "n_rows"):
+    for key in ("dataset", "options", "n_rows"):
         if old.get(key) != new.get(key):
             diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
     old_enc, new_enc = old.get("encoders", {}), new.get("encoders", {})
@@ -85,14 +88,14 @@ def create_store(url: str, *, ids: list[str], split: np.ndarray, labels: np.ndar
     `reasons` is the vocabulary of absence reasons; code 0 is always "present".
     """
     n = len(ids)
+    if not overwrite and read_meta(url, storage_options) is not None:
+        raise StoreError(f"{url} already holds an embcache store; pass overwrite=True to replace it")
     if task["type"] not in TASK_TYPES:
         raise StoreError(f"unknown task type {task['type']!r}; expected one of {TASK_TYPES}")
-    if overwrite and url_is_local(url):
-        shutil.rmtree(local_path(url), ignore_errors=True)
     dims = [enc["dim"] for enc in encoders.values()]
     chunk_rows = chunk_rows or default_chunk_rows(max(dims) if dims else 1)
     chunk_rows = max(1, min(chunk_rows, max(n, 1)))
-    root = _open_group(url, "w", storage_options)
+    root = _open_group(url, "w", storage_options)  # mode "w" replaces whatever was there
     rows = (chunk_rows,)
     root.create_array("ids", shape=(n,), dtype=str, chunks=rows)[:] = np.asarray(ids, dtype=str)
     root.create_array("split", shape=(n,), dtype="int8", chunks=rows)[:] = split.astype(np.int8)
@@ -112,6 +115,10 @@ def create_store(url: str, *, ids: list[str], split: np.ndarray, labels: np.ndar
         group.create_array("reason", shape=(n,), dtype="uint8", chunks=rows, fill_value=0)
         group.attrs["encoder"] = enc
         group.attrs["reasons"] = list(reasons)
+    # The commit record: one flag per row chunk, each flag its own Zarr chunk, set only after every array's
+    # rows of that chunk are written. Writers owning disjoint chunks never touch the same file.
+    root.create_array("chunks_done", shape=(n_chunks(n, chunk_rows),), dtype="bool", chunks=(1,),
+                      fill_value=False)
     meta = {
         "format": FORMAT_VERSION,
         "dataset": {**dataset, "n_rows": n},
@@ -124,6 +131,23 @@ def create_store(url: str, *, ids: list[str], split: np.ndarray, labels: np.ndar
     meta["fingerprint"] = fingerprint(meta, encoders)
     root.attrs[ATTRS_KEY] = meta
     return root
+
+
+def n_chunks(n_rows: int, chunk_rows: int) -> int:
+    return max(1, -(-n_rows // chunk_rows))
+
+
+def chunk_bounds(meta: dict, chunk: int) -> tuple[int, int]:
+    rows, n = meta["chunk_rows"], meta["dataset"]["n_rows"]
+    return chunk * rows, min(n, (chunk + 1) * rows)
+
+
+def mark_chunk_done(root: zarr.Group, chunk: int) -> None:
+    root["chunks_done"][chunk] = True
+
+
+def chunks_done(root: zarr.Group) -> np.ndarray:
+    return np.asarray(root["chunks_done"][:], dtype=bool)
 
 
 def write_rows(root: zarr.Group, modality: str, start: int, emb: np.ndarray,
@@ -143,14 +167,6 @@ def mark_complete(root: zarr.Group, problems: dict[str, int], extra: dict | None
     meta.update(extra or {})
     meta["complete"] = True
     root.attrs[ATTRS_KEY] = meta
-
-
-def url_is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
 
 
 @dataclass
@@ -198,6 +214,11 @@ class FeatureStore:
     def reason_codes(self, modality: str) -> np.ndarray:
         return np.asarray(self.root[modality]["reason"][:])
 
+    def completed_rows(self) -> np.ndarray:
+        """Rows whose chunk was fully written (all rows once `complete` is true)."""
+        done = chunks_done(self.root)
+        return np.repeat(done, self.meta["chunk_rows"])[: self.n_rows]
+
     def embeddings(self, modality: str, dtype=np.float32) -> np.ndarray:
         return np.asarray(self.root[modality]["emb"][:], dtype=dtype)
 
@@ -226,11 +247,11 @@ class CachedFeatures:
     meta: dict = field(default_factory=dict)
 
 
-def open_store(url: str, *, require_complete: bool = True,
-               storage_options: dict | None = None) -> FeatureStore:
-    """Open a cache for reading; raises StoreError naming the problem."""
+def open_store(url: str, *, require_complete: bool = True, storage_options: dict | None = None,
+               mode: str = "r") -> FeatureStore:
+    """Open a cache (for reading; mode "r+" to resume writing); raises StoreError naming the problem."""
     try:
-        root = _open_group(url, "r", storage_options)
+        root = _open_group(url, mode, storage_options)
     except Exception as exc:  # noqa: BLE001 - zarr raises several types for "not there"
         raise StoreError(f"{url}: not a readable Zarr store ({exc.__class__.__name__}: {exc})") from exc
     meta: Any = root.attrs.get(ATTRS_KEY)

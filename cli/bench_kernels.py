@@ -20,11 +20,15 @@ from embcache import bench_kernels as bk
               help="Include torch.compile of the reference.")
 @click.option("--compile-budget", type=float, default=120.0, show_default=True,
               help="Seconds of compile time in total; later compiled cases are skipped with a note.")
+@click.option("--threads", type=int, default=None,
+              help="torch.set_num_threads for the CPU variants (default: torch's choice).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write environment, settings and every row to this JSON file.")
-def kernels_command(sizes, dtypes, device, variants, repeat, compile_, compile_budget, seed, json_path):
+def kernels_command(sizes, dtypes, device, variants, repeat, compile_, compile_budget, threads, seed, json_path):
     """Forward+backward time, peak extra memory and float64 error of the VICReg loss variants."""
+    if threads:
+        torch.set_num_threads(threads)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

@@ -130,6 +130,7 @@ def _timed_median_ms(step: Callable[[], None], x, y, device: str, repeat: int) -
 
         return float(triton.testing.do_bench(step, warmup=25, rep=20 * repeat, grad_to_none=[x, y],
                                              return_mode="median"))
+    step()  # warm-up
     times = []
     for _ in range(repeat):
         x.grad = y.grad = None
@@ -220,7 +221,8 @@ HEADER = f"{'N':>5} {'D':>5} {'dtype':>5}  {'variant':<19} {'median ms':>10} {'p
 
 def format_row(r: BenchRow) -> str:
     def num(v, fmt):
-        return format(v, fmt) if v is not None else "-"
+        width = int(fmt.split(".")[0])
+        return format(v, fmt) if v is not None else "-".rjust(width)
 
     note = r.note or (f"compile {r.compile_s:.1f} s" if r.compile_s is not None else "")
     return (f"{r.n:>5} {r.d:>5} {r.dtype:>5}  {r.variant:<19} {num(r.median_ms, '10.3f')} "

@@ -159,8 +159,11 @@ def closed_form_forward(x: torch.Tensor, y: torch.Tensor, k: VICRegCoefficients)
     hinge_sum = x.new_zeros(())
     off_sum = x.new_zeros(())
     for z in (x, y):
+        # Centre before any product (kernel notes 4.1); the second mean is the corrected two-pass
+        # step that removes the first mean's rounding error (it matters for large column means).
         mu = z.mean(0)
-        zc = z - mu  # centre before any product (numerics: notes section 4.1)
+        mu = mu + (z - mu).mean(0)
+        zc = z - mu
         n2 = zc.square().sum(0)
         sigma = torch.sqrt(n2 * k.inv_nm1 + k.eps)
         hinge_sum = hinge_sum + torch.relu(k.gamma - sigma).sum()

@@ -3,8 +3,8 @@
 Launches (forward: 3 or 4, backward: 1), both branches in each launch (``program_id`` axis "b"):
 
 1. ``_column_stats_kernel``   one pass over x and y for the column means and ``||x-y||^2``, a second,
-                              centred pass for ``n2`` (and ``n2r``, see below); per-block partial sums
-                              of the invariance and variance terms.
+                              centred pass for ``n2`` (and ``n2r``, see below) that also corrects the
+                              mean; per-block partial sums of the invariance and variance terms.
 2. ``_small_matrix_kernel``   split-K product of the centred operand with itself, upper-triangular
                               tiles only: ``G = Zc Zc^T`` (N < D) or ``M = Zc^T Zc`` (N >= D). Centring
                               happens on load, in fp32, before the operands are rounded.
@@ -104,9 +104,16 @@ def _sum_all(ptr, count, BLOCK: tl.constexpr):
 @triton.jit
 def _centred_second_moments(z_ptr, mu, cols, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                             OP_BF16: tl.constexpr, INTERPRET: tl.constexpr):
-    """``(n2, n2r)``: column sums of ``Zc^2`` in fp32, and of the rounded operand squared."""
+    """Corrected two-pass moments around the pass-1 mean ``mu``: returns ``(mean, n2, n2r)``.
+
+    ``e = sum(z - mu)`` is the rounding error of the pass-1 mean (times N); with large column means
+    it is what limits fp32 accuracy, so the mean becomes ``mu + e/N`` and ``n2 = sum((z-mu)^2) - e^2/N``.
+    ``n2r`` is the sum of squares of the operand-rounded ``z - mu`` (the diagonal inside G; its
+    O(e^2) shift is far below bf16 rounding).
+    """
     n2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     n2r = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    err = tl.zeros((BLOCK_D,), dtype=tl.float32)
     cmask = cols < D
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
@@ -114,9 +121,10 @@ def _centred_second_moments(z_ptr, mu, cols, N, D, BLOCK_N: tl.constexpr, BLOCK_
         z = tl.load(z_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         zc = tl.where(mask, z - mu[None, :], 0.0)
         zr = _to_operand(zc, OP_BF16, INTERPRET).to(tl.float32)
+        err += tl.sum(zc, axis=0)
         n2 += tl.sum(zc * zc, axis=0)
         n2r += tl.sum(zr * zr, axis=0)
-    return n2, n2r
+    return mu + err / N, n2 - err * err / N, n2r
 
 
 @triton.jit
@@ -152,7 +160,7 @@ def _column_stats_kernel(x_ptr, y_ptr, stats_ptr, inv_part_ptr, hinge_part_ptr, 
         else:
             z_ptr = y_ptr
             mu = sum_y / N
-        n2, n2r = _centred_second_moments(z_ptr, mu, cols, N, D, BLOCK_N, BLOCK_D, OP_BF16, INTERPRET)
+        mu, n2, n2r = _centred_second_moments(z_ptr, mu, cols, N, D, BLOCK_N, BLOCK_D, OP_BF16, INTERPRET)
         row = stats_ptr + b * 3 * D
         tl.store(row + _MU * D + cols, mu, mask=cmask)
         tl.store(row + _N2 * D + cols, n2, mask=cmask)

@@ -5,6 +5,7 @@ import click
 
 from embcache.cli.bench_fit import fit_bench_command
 from embcache.cli.bench_kernels import kernels_command
+from embcache.cli.bundle import export_command, predict_command
 from embcache.cli.extract import extract_bench_command, extract_command
 from embcache.cli.fit import eval_command, fit_command
 
@@ -23,6 +24,8 @@ def bench() -> None:
 main.add_command(extract_command)
 main.add_command(fit_command)
 main.add_command(eval_command)
+main.add_command(export_command)
+main.add_command(predict_command)
 bench.add_command(extract_bench_command)
 bench.add_command(fit_bench_command)
 bench.add_command(kernels_command)

@@ -450,12 +450,13 @@ def _manifest_records(path: str) -> Iterator[tuple[int, dict]]:
     raise DatasetError(f"{path}: unsupported manifest type {ext!r} (expected .jsonl or .csv)")
 
 
-def _read_manifest(path: str, *, classes: list[str] | None = None) -> Dataset:
+def _read_manifest(path: str, *, classes: list[str] | None = None, default_split: str | None = None) -> Dataset:
     """Generic manifest (JSONL, or CSV with a header): ``id``, ``image`` (relative to the
     manifest's folder, or absolute), ``text``, ``label`` or ``labels`` (JSON list or
     ``|``-separated), ``split``.  An empty image/text field is ``missing_field``.  The task is
     multilabel when a ``labels`` field is used, else binary for 2 classes, else multiclass;
-    classes are the sorted label names (integer-like names numerically) unless given."""
+    classes are the sorted label names (integer-like names numerically) unless given.
+    ``default_split`` fills rows without a split (e.g. new data for ``embcache predict``)."""
     records = list(_manifest_records(path))
     label_keys = {key for _, record in records for key in ("label", "labels") if key in record}
     if len(label_keys) == 2:
@@ -477,7 +478,7 @@ def _read_manifest(path: str, *, classes: list[str] | None = None) -> Dataset:
         origin = f"{path} line {lineno}"
         names = names_of(record)
         out.add(id=_id_field(record.get("id"), origin),
-                split=_split_field(record.get("split"), origin), origin=origin,
+                split=_split_field(record.get("split") or default_split, origin), origin=origin,
                 image=_image_field(base, record.get("image")),
                 text=_text_field(record.get("text"), empty=MISSING_FIELD),
                 label=labels.multi(names) if multilabel else labels.single(names[0] if names else None))
@@ -500,7 +501,7 @@ def open_dataset(name: str, root: str, **options) -> Dataset:
     """Read dataset ``name`` from ``root`` (for ``"manifest"``: the manifest file).
 
     Options: ``food101`` takes ``val_fraction`` (default 0.1) and ``seed`` (default 0);
-    ``manifest`` takes ``classes`` (a list fixing the class order).  Unknown options raise
+    ``manifest`` takes ``classes`` (a list fixing the class order) and ``default_split``.  Unknown options raise
     ``TypeError``; malformed metadata raises :class:`DatasetError`.
     """
     if name not in _READERS:

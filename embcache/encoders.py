@@ -106,10 +106,14 @@ def _freeze(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _fingerprint(backend: str, spec: str, checkpoint_sha: str, preprocess: dict, pooling: str, dim: int,
-                 dtype: str, bitfit_sha: str | None) -> dict:
+                 dtype: str, bitfit_sha: str | None, checkpoint: str | None, bitfit: str | None) -> dict:
+    """The encoder attrs stored in the cache. `checkpoint` and `bitfit` (the paths used) are informative, for
+    tools that rebuild the encoder (`embcache export`); the sha256 fields are what identifies the weights."""
     return {"backend": backend, "model": spec, "checkpoint_sha256": checkpoint_sha,
             "bitfit_sha256": bitfit_sha, "preprocess": preprocess, "pooling": pooling, "dim": dim,
-            "dtype": dtype, "versions": library_versions()}
+            "dtype": dtype, "versions": library_versions(),
+            "checkpoint": os.path.abspath(checkpoint) if checkpoint and os.path.exists(checkpoint) else checkpoint,
+            "bitfit": os.path.abspath(bitfit) if bitfit else None}
 
 
 # ---------------------------------------------------------------- image
@@ -236,7 +240,7 @@ def load_image_encoder(spec: str = DEFAULT_IMAGE_ENCODER, checkpoint: str | None
     with torch.inference_mode():
         dim = int(module(torch.zeros(1, 3, pre["size"], pre["size"])).shape[-1])
     preprocess = ImagePreprocess(**pre)
-    attrs = _fingerprint(backend, spec, sha, preprocess.config, pooling, dim, dtype, bitfit_sha)
+    attrs = _fingerprint(backend, spec, sha, preprocess.config, pooling, dim, dtype, bitfit_sha, checkpoint, bitfit)
     return Encoder("image", module, dim, attrs, preprocess, _image_forward)
 
 
@@ -313,7 +317,7 @@ def load_text_encoder(spec: str = DEFAULT_TEXT_ENCODER, pooling: str = "mean", m
     limit = getattr(module.config, "max_position_embeddings", max_length)
     preprocess = TextPreprocess(tokenizer, min(max_length, limit))
     attrs = _fingerprint(backend, spec, sha, preprocess.config, pooling, int(module.config.hidden_size),
-                         dtype, bitfit_sha)
+                         dtype, bitfit_sha, folder, bitfit)
     return Encoder("text", module, int(module.config.hidden_size), attrs, preprocess, HFPooledForward(pooling))
 
 

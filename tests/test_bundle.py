@@ -1,0 +1,87 @@
+"""export + predict on raw inputs must give what eval computes from the cache for the same rows."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import embcache
+from embcache.bundle import BundleError
+from embcache.cli.main import main as cli
+from embcache.evaluate import load_run, predict_logits
+from embcache.extract import ExtractConfig, extract
+from embcache.models import FitConfig
+from embcache.store import open_store
+from embcache.train import fit
+from tiny_encoders import tiny_bert_dir, tiny_timm_checkpoint
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "data", "demo", "manifest.jsonl")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bundle")
+    tiny = {"image_encoder": "timm:test_efficientnet",
+            "image_checkpoint": tiny_timm_checkpoint(str(tmp / "img.pth")),
+            "text_encoder": f"hf:{tiny_bert_dir(str(tmp / 'bert'))}"}
+    extract(ExtractConfig(dataset="manifest", root=DEMO, out=str(tmp / "s.zarr"), workers=0, limit=80, **tiny),
+            progress=False, log=lambda *_: None)
+    fit(FitConfig(store=str(tmp / "s.zarr"), epochs=3), str(tmp / "run"), progress=False)
+    result = CliRunner().invoke(cli, ["export", str(tmp / "run"), "--out", str(tmp / "m.embcache")])
+    assert result.exit_code == 0, result.output
+    return tmp, tiny
+
+
+def cache_scores(tmp, present=None):
+    _, _, model = load_run(tmp / "run")
+    features = open_store(str(tmp / "s.zarr")).load()
+    x = {m: torch.tensor(features.emb[m]) for m in features.emb}
+    has = {m: torch.tensor(features.present[m] if present is None else present[m]) for m in features.present}
+    return torch.softmax(predict_logits(model, x, has), dim=1).numpy(), features
+
+
+def test_predict_on_raw_inputs_matches_eval_from_the_cache(trained):
+    tmp, _ = trained
+    manifest = tmp / "new.jsonl"  # the first 80 demo rows, without labels or splits
+    rows = [json.loads(line) for line in open(DEMO)][:80]
+    base = os.path.dirname(DEMO)
+    with open(manifest, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps({"id": r["id"], "image": os.path.join(base, r["image"]), "text": r["text"]}) + "\n")
+    result = CliRunner().invoke(cli, ["predict", str(tmp / "m.embcache"), "--manifest", str(manifest),
+                                      "--out", str(tmp / "preds.jsonl"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    preds = [json.loads(line) for line in open(tmp / "preds.jsonl")]
+    expected, features = cache_scores(tmp)
+    got = np.array([[p["scores"][c] for c in features.classes] for p in preds])
+    assert [p["id"] for p in preds] == list(features.ids)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert [p["labels"] for p in preds] == [[features.classes[i]] for i in expected.argmax(1)]
+
+
+def test_python_api_fills_an_absent_modality_like_eval(trained):
+    tmp, _ = trained
+    model = embcache.load(str(tmp / "m.embcache"))
+    row = json.loads(open(DEMO).readline())
+    image = os.path.join(os.path.dirname(DEMO), row["image"])
+    only_image = model.predict(image=image, text=None)
+    assert only_image.present == {"image": True, "text": False}
+    features = open_store(str(tmp / "s.zarr")).load()
+    present = {"image": features.present["image"].copy(), "text": np.zeros_like(features.present["text"])}
+    expected, _ = cache_scores(tmp, present)
+    np.testing.assert_allclose([only_image.scores[c] for c in model.classes], expected[0], atol=1e-5)
+    both = model.predict(image=image, text=row["text"])
+    assert both.scores != only_image.scores and abs(sum(both.scores.values()) - 1) < 1e-5
+
+
+def test_bundle_refuses_other_encoder_weights(trained, tmp_path):
+    tmp, tiny = trained
+    torch.manual_seed(1)
+    other = tiny_timm_checkpoint(str(tmp_path / "other.pth"))
+    torch.save({k: v + 1 for k, v in torch.load(other).items()}, other)
+    with pytest.raises(BundleError, match="not those the model was trained on.*--image-checkpoint"):
+        embcache.load(str(tmp / "m.embcache"), image_checkpoint=other)
+    with pytest.raises(BundleError, match="not an embcache bundle"):
+        embcache.load(str(tmp / "run" / "config.json"))

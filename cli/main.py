@@ -8,6 +8,7 @@ from embcache.cli.bench_kernels import kernels_command
 from embcache.cli.bundle import export_command, predict_command
 from embcache.cli.extract import extract_bench_command, extract_command
 from embcache.cli.fit import eval_command, fit_command
+from embcache.cli.interchange import export_features_command, import_features_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -26,6 +27,8 @@ main.add_command(fit_command)
 main.add_command(eval_command)
 main.add_command(export_command)
 main.add_command(predict_command)
+main.add_command(export_features_command)
+main.add_command(import_features_command)
 bench.add_command(extract_bench_command)
 bench.add_command(fit_bench_command)
 bench.add_command(kernels_command)

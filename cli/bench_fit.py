@@ -6,7 +6,7 @@ import json
 import click
 
 from embcache.cli.common import user_errors
-from embcache.models import IMPUTE_MODES, FitError
+from embcache.models import IMPUTE_MODES, PREDICTORS, FitError
 
 
 @click.command("fit")
@@ -19,6 +19,14 @@ from embcache.models import IMPUTE_MODES, FitError
 @click.option("--impute", type=click.Choice(IMPUTE_MODES), default="predict", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="CPU threads for torch (default: torch's). 1 gives steady numbers on a busy machine.")
+@click.option("--predictor", type=click.Choice(PREDICTORS), default="mlp", show_default=True,
+              help="prompts: text -> image by read-only prompts in MiniLM's last blocks on synthetic hidden states "
+                   "(text is then 384 wide); also reports the MLP predictor's step time on the same data.")
+@click.option("--prompts", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--cache-layers", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--tokens", type=click.IntRange(1), default=64, show_default=True, help="Text tokens per row (T).")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the figures here.")
 @user_errors(FitError)
 def fit_bench_command(compile_, json_path, **kw):

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
 from embcache.cli.common import user_errors
 from embcache.missing import MISSING_TYPES
-from embcache.models import IMPUTE_MODES, FitConfig, FitError
+from embcache.models import IMPUTE_MODES, PREDICTORS, FitConfig, FitError
 
 D = FitConfig()  # defaults shown in --help come from the config dataclass, the single source
 
@@ -55,6 +56,13 @@ RATE = click.FloatRange(0.0, 1.0)
 @click.option("--detach-target/--no-detach-target", default=D.detach_target, show_default=True)
 @click.option("--expander-dim", type=click.IntRange(0), default=D.expander_dim, show_default=True,
               help="> 0: apply VICReg after a 2-layer expander of this width.")
+@click.option("--predictor", type=click.Choice(PREDICTORS), default=D.predictor, show_default=True,
+              help="prompts: read-only prompts in the last k blocks of the source encoder, from the hidden states "
+                   "of `extract --cache-layers k`, for the directions whose source has them (MLP for the others).")
+@click.option("--prompts", type=click.IntRange(1), default=D.prompts, show_default=True,
+              help="Number of prompt tokens K (--predictor prompts).")
+@click.option("--prompt-bitfit/--no-prompt-bitfit", default=D.prompt_bitfit, show_default=True,
+              help="Also train the biases of the k blocks (--predictor prompts).")
 @click.option("--predictor-hidden", type=click.IntRange(1), default=D.predictor_hidden, show_default=True)
 @click.option("--predictor-depth", type=click.IntRange(1), default=D.predictor_depth, show_default=True)
 @click.option("--predictor-dropout", type=click.FloatRange(0, 1), default=D.predictor_dropout,
@@ -77,6 +85,15 @@ def fit_command(store, out, seeds, compile_, overwrite, quiet, **options):
     cfg = FitConfig(store=store, seed=seeds[0], compile=compile_, **options)
     metrics = fit(cfg, out, seeds=seeds, overwrite=overwrite, progress=not quiet)
     click.echo(format_table(metrics))
+    if cfg.predictor == "prompts":
+        from pathlib import Path
+
+        from embcache.evaluate import seed_dirs
+        from embcache.prompts import describe_predictors
+
+        saved = json.loads((seed_dirs(Path(out))[0] / "config.json").read_text())
+        for line in describe_predictors(saved["resolved"], cfg):
+            click.echo(line)
     click.echo(f"wrote {out}")
 
 
@@ -95,6 +112,7 @@ def eval_command(run_dir, store, rate, device, json_path):
 
     metrics = evaluate_run(run_dir, store=store, rate=rate, device=device)
     click.echo(format_table(metrics))
-    if json_path:
-        with open(json_path, "w") as fh:
+    if json_path:  # temp file then rename: never a half-written JSON
+        with open(f"{json_path}.partial", "w") as fh:
             json.dump(metrics, fh, indent=2)
+        os.replace(f"{json_path}.partial", json_path)

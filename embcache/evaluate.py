@@ -6,7 +6,7 @@ The layout of metrics.json is documented in docs/metrics-format.md.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from embcache.missing import MODALITIES, SCENARIOS, scenario_present
 from embcache.models import DIRECTIONS, FitConfig, FitError, FusionModel
-from embcache.store import (FINGERPRINT_FIELDS, SPLIT_CODES, CachedFeatures, StoreError,
+from embcache.store import (SPLIT_CODES, CachedFeatures, StoreError, encoder_fingerprint,
                             fingerprint_diff, open_store)
 
 METRICS_SCHEMA = "embcache.metrics/1"
@@ -49,6 +49,7 @@ class Dataset:
     splits: dict[str, SplitData]        # train, val, test
     fingerprint: dict                   # encoders + task; a run refuses a store whose fingerprint differs
     sources: dict[str, str]             # split -> store url
+    encoders: dict = field(default_factory=dict)  # modality -> the train store's encoder attrs
 
     @property
     def dims(self) -> dict[str, int]:
@@ -61,7 +62,7 @@ class Dataset:
 
 def _fingerprint(features: CachedFeatures) -> dict:
     return {"task": features.task_type, "classes": list(features.classes),
-            "encoders": {m: {k: features.encoders[m].get(k) for k in FINGERPRINT_FIELDS} for m in MODALITIES}}
+            "encoders": {m: encoder_fingerprint(features.encoders[m]) for m in MODALITIES}}
 
 
 def check_features(features: CachedFeatures, url: str) -> None:
@@ -107,7 +108,7 @@ def check_features(features: CachedFeatures, url: str) -> None:
 
 
 def _split_data(features: CachedFeatures, mask: np.ndarray | None = None) -> SplitData:
-    whole = SplitData(features.ids, {m: features.emb[m] for m in MODALITIES},
+    whole = SplitData(features.ids, dict(features.emb),  # with hidden states, when loaded (prompts)
                       {m: features.present[m] for m in MODALITIES}, features.labels)
     return whole if mask is None else whole.rows(mask)
 
@@ -132,20 +133,21 @@ def dataset_from_features(features: CachedFeatures, url: str,
             splits[name], sources[name] = _split_data(features, features.split == code), url
     if len(splits["train"]) == 0:
         raise FitError(f"{url}: no training rows (split == 0)")
-    return Dataset(features.task_type, list(features.classes), splits, fp, sources)
+    return Dataset(features.task_type, list(features.classes), splits, fp, sources, dict(features.encoders))
 
 
-def _load(url: str) -> CachedFeatures:
+def _load(url: str, hidden: bool = False) -> CachedFeatures:
     try:
-        return open_store(url).load()
+        return open_store(url).load(hidden=hidden)
     except StoreError as exc:  # a wrong format version, an unfinished extraction, not a store
         raise FitError(str(exc)) from exc
 
 
-def load_dataset(store: str, val_store: str | None = None, test_store: str | None = None) -> Dataset:
-    """Open, read and check the store(s)."""
-    extra = {name: (_load(url), url) for name, url in (("val", val_store), ("test", test_store)) if url}
-    return dataset_from_features(_load(store), store, extra)
+def load_dataset(store: str, val_store: str | None = None, test_store: str | None = None,
+                 hidden: bool = False) -> Dataset:
+    """Open, read and check the store(s); hidden: also the cached hidden states (`--predictor prompts`)."""
+    extra = {name: (_load(url, hidden), url) for name, url in (("val", val_store), ("test", test_store)) if url}
+    return dataset_from_features(_load(store, hidden), store, extra)
 
 
 def labeled(task_type: str, labels: np.ndarray) -> np.ndarray:
@@ -170,7 +172,7 @@ class SplitTensors:
     @classmethod
     def of(cls, split: SplitData, task_type: str, device: torch.device) -> "SplitTensors":
         y = torch.as_tensor(split.labels, device=device)
-        return cls({m: torch.as_tensor(split.emb[m], device=device) for m in MODALITIES},
+        return cls({m: torch.as_tensor(e, device=device) for m, e in split.emb.items()},  # + hidden states
                    y.float() if task_type == "multilabel" else y.long())
 
 
@@ -273,7 +275,7 @@ def predictor_quality(model: FusionModel, split: SplitData, tensors: SplitTensor
     if not both.any():
         return {name: {"cosine": None, "r2": None} for name in DIRECTIONS}
     idx = torch.as_tensor(np.flatnonzero(both), device=tensors.y.device)
-    x = {m: tensors.x[m][idx] for m in MODALITIES}
+    x = {m: t[idx] for m, t in tensors.x.items()}
     has = {m: torch.ones(len(idx), dtype=torch.bool, device=idx.device) for m in MODALITIES}
     model.eval()
     out = model(x, has)
@@ -299,6 +301,10 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[F
         raise FitError(f"{run_dir}: no config.json; is this an `embcache fit` run folder?") from exc
     cfg, resolved = FitConfig.from_dict(saved), saved["resolved"]
     model = FusionModel(resolved["dims"], resolved["n_outputs"], cfg)
+    if resolved.get("predictors"):  # --predictor prompts: rebuild the blocks from the encoders' checkpoints
+        from embcache.prompts import attach_prompt_predictors
+
+        attach_prompt_predictors(model, resolved["prompt_encoders"], cfg)
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     return cfg, resolved, model.to(resolve_device(str(device)))
 
@@ -318,10 +324,11 @@ def seed_dirs(run_dir: str | Path) -> list[Path]:
 def evaluate_run(run_dir: str | Path, *, store: str | None = None, rate: float | None = None,
                  device: str = "auto") -> dict:
     """Re-score a finished run (all seeds) under every scenario; same layout as its metrics.json."""
-    results = []
+    results, loaded = [], {}
     for path in seed_dirs(run_dir):
         cfg, resolved, model = load_run(path, device)
-        data = load_dataset(store or cfg.store, cfg.val_store, cfg.test_store)
+        sources = (store or cfg.store, cfg.val_store, cfg.test_store)
+        data = loaded[sources] = loaded.get(sources) or load_dataset(*sources, hidden=cfg.predictor == "prompts")
         if data.fingerprint != resolved["fingerprint"]:
             raise FitError(f"{store or cfg.store}: not the features {path} was trained on (fingerprint differs)")
         results.append(scenario_metrics(model, data, cfg, resolved, rate=rate))
@@ -404,6 +411,10 @@ def format_table(metrics: dict) -> str:
     seeds = f", seeds {metrics['seeds']}" if metrics["kind"] == "summary" else f", seed {metrics['seed']}"
     lines.insert(0, f"task {metrics['task']} ({main}), impute {metrics['impute']}, "
                     f"test missing rate {metrics['missing']['test_rate']}{seeds}")
+    selection = metrics.get("selection") or {}
+    if selection.get("best_epoch"):
+        lines.append(f"best epoch {selection['best_epoch']}/{selection['epochs']} by val {selection['metric']} "
+                     f"under {selection['scenario']}")
     for name, q in metrics["predictor"].items():
         if q["r2"] is not None:
             lines.append(f"predictor {name}: cosine {q['cosine']:.4f}, r2 {q['r2']:.4f} (test rows with both)")

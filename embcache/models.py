@@ -17,6 +17,7 @@ from embcache.kernels import vicreg_loss
 from embcache.missing import MISSING_TYPES, MODALITIES
 
 IMPUTE_MODES = ("predict", "zero", "mean")
+PREDICTORS = ("mlp", "prompts")
 # direction name -> (source modality, target modality)
 DIRECTIONS = {"image_to_text": ("image", "text"), "text_to_image": ("text", "image")}
 
@@ -43,6 +44,12 @@ class FitConfig:
     predictor_hidden: int = 1024
     predictor_depth: int = 2            # number of linear layers (1 = linear map)
     predictor_dropout: float = 0.1
+    # "prompts": read-only prompts in the last k blocks of the source encoder, run from the hidden states the
+    # cache holds (extract --cache-layers k; embcache/prompts.py), for the directions whose source has them;
+    # their head is an MLP of predictor_hidden / predictor_depth / predictor_dropout. The others keep the MLP.
+    predictor: str = "mlp"
+    prompts: int = 8                    # K prompt tokens
+    prompt_bitfit: bool = False         # also train the biases of the k blocks
     expander_dim: int = 0               # > 0: VICReg on a shared 2-layer expander's outputs
     # late-fusion classifier on [image, text]
     classifier_hidden: int = 512
@@ -72,7 +79,9 @@ class FitConfig:
         for name in ("train_missing_rate", "test_missing_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise FitError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("epochs", "batch_size", "predictor_depth", "classifier_depth"):
+        if self.predictor not in PREDICTORS:
+            raise FitError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
+        for name in ("epochs", "batch_size", "predictor_depth", "classifier_depth", "prompts"):
             if getattr(self, name) < 1:
                 raise FitError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -138,9 +147,11 @@ class FusionModel(nn.Module):
 
     def forward(self, x: dict[str, torch.Tensor], has: dict[str, torch.Tensor]) -> FusionOutput:
         """x: raw embeddings per modality (B, D_m); has: bool (B,) per modality."""
-        # Absent rows hold meaningless values; multiply (not index) so shapes stay static (no host sync).
-        z = {m: self.standardize(m, x[m]) * has[m].unsqueeze(1) for m in MODALITIES}
-        pred = {name: net(z[DIRECTIONS[name][0]]) for name, net in self.predictors.items()}
+        # Absent rows hold meaningless values: mask them (not index, so shapes stay static: no host sync).
+        z = {m: torch.where(has[m].unsqueeze(1), self.standardize(m, x[m]), 0.0) for m in MODALITIES}
+        # a prompt predictor (embcache/prompts.py) reads the source's cached hidden states from the batch dict
+        pred = {name: net(x) if getattr(net, "reads_cache", False) else net(z[DIRECTIONS[name][0]])
+                for name, net in self.predictors.items()}
         filled = {dst: torch.where(has[dst].unsqueeze(1), z[dst], self.fill(dst, pred.get(name), has[src]))
                   for name, (src, dst) in DIRECTIONS.items()}
         logits = self.classifier(torch.cat([filled[m] for m in MODALITIES], dim=1))

@@ -15,7 +15,7 @@ import hashlib
 
 import numpy as np
 
-from embcache.store import CachedFeatures, create_store, mark_complete, write_rows, SPLIT_CODES
+from embcache.store import SPLIT_CODES, CachedFeatures, create_store, mark_complete, write_rows
 
 REASONS = ["present", "missing_field", "missing_file", "empty_text"]
 MMIMDB_SIZES = {"n_train": 15_552, "n_val": 2_608, "n_test": 7_799}
@@ -43,6 +43,9 @@ def make_features(*, n_train: int = 2000, n_val: int = 500, n_test: int = 1000,
 
     absent_*: fractions of rows the *data* lacks (image only, text only, both), before any protocol.
     """
+    if shared_dim + private_dim > min(d_image, d_text):
+        raise ValueError(f"shared_dim + private_dim = {shared_dim + private_dim} must not exceed the "
+                         f"embedding widths ({d_image}, {d_text})")
     rng = np.random.default_rng(seed)
     n = n_train + n_val + n_test
     k = shared_dim + 2 * private_dim

@@ -31,6 +31,7 @@ from embcache.evaluate import (MAIN_METRIC, Dataset, SplitTensors, load_dataset,
                                predict_logits, resolve_device, scenario_metrics, summarize, task_metrics)
 from embcache.missing import MODALITIES, apply_missing, scenario_of, scenario_present
 from embcache.models import FitConfig, FitError, FusionModel
+from embcache.prompts import attach_prompt_predictors, resolve_predictors
 
 MIN_PAIRED_PER_BATCH = 16   # VICReg's variance and covariance need a few rows per batch
 MIN_STEPS_PER_EPOCH = 8     # small train sets get smaller batches rather than 1-2 steps per epoch
@@ -98,6 +99,7 @@ def prepare(data: Dataset, cfg: FitConfig, device: torch.device) -> Prepared:
         "fingerprint": data.fingerprint, "sources": data.sources, "selection_scenario": scenario,
         "rows": {"train": n_rows, "train_paired": n_paired, "train_without_modality": int((~usable).sum()),
                  "val": len(val), "test": len(data.splits["test"])},
+        **resolve_predictors(data, cfg),  # --predictor prompts: which direction uses which
     }
     return Prepared(
         device=device, train=SplitTensors.of(split, data.task_type, device), has=masks_to(has, device),
@@ -126,7 +128,7 @@ def batch_loss(net, model: FusionModel, prep: Prepared, idx: torch.Tensor, n_pai
 
     `net` is the model or its torch.compile'd version.
     """
-    out = net({m: prep.train.x[m][idx] for m in MODALITIES}, {m: prep.has[m][idx] for m in MODALITIES})
+    out = net({m: x[idx] for m, x in prep.train.x.items()}, {m: prep.has[m][idx] for m in MODALITIES})
     task = task_loss(task_type, out.logits, prep.train.y[idx])
     if cfg.impute == "predict":
         vicreg = model.vicreg(out, n_paired)
@@ -141,8 +143,12 @@ def make_model(data: Dataset, prep: Prepared, cfg: FitConfig):
     torch.manual_seed(cfg.seed)
     model = FusionModel(data.dims, data.n_outputs, cfg).to(prep.device)
     model.set_normalization(prep.mean, prep.std)
+    if prep.resolved.get("predictors"):
+        attach_prompt_predictors(model, prep.resolved["prompt_encoders"], cfg, data)
     net = torch.compile(model) if cfg.compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused AdamW: one kernel per step instead of several per parameter (launch-bound on a GPU)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=prep.device.type == "cuda")
     total = cfg.epochs * prep.resolved["steps_per_epoch"]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     return model, net, optimizer, schedule
@@ -215,7 +221,7 @@ def fit(cfg: FitConfig, out: str | Path, *, seeds: list[int] | None = None, over
     out = Path(out)
     if out.exists() and not overwrite:
         raise FitError(f"{out} already exists; pass --overwrite to replace it")
-    data = load_dataset(cfg.store, cfg.val_store, cfg.test_store)
+    data = load_dataset(cfg.store, cfg.val_store, cfg.test_store, hidden=cfg.predictor == "prompts")
     prep = prepare(data, cfg, resolve_device(cfg.device))
     with staged_dir(out) as tmp:
         runs = []

@@ -9,6 +9,7 @@ from embcache.cli.bundle import export_command, predict_command
 from embcache.cli.extract import extract_bench_command, extract_command
 from embcache.cli.fit import eval_command, fit_command
 from embcache.cli.interchange import export_features_command, import_features_command
+from embcache.cli.tune import tune_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -22,6 +23,7 @@ def bench() -> None:
     """Benchmarks: extract throughput, fit speed, VICReg kernels."""
 
 
+main.add_command(tune_command)
 main.add_command(extract_command)
 main.add_command(fit_command)
 main.add_command(eval_command)

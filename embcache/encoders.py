@@ -84,17 +84,17 @@ class Encoder:
 
     @torch.inference_mode()
     def encode(self, batch: Any, device: torch.device) -> torch.Tensor:
-        batch = _to_device(batch, device)
+        batch = to_device(batch, device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = self.forward(self.module, batch)
         return out.float()
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     return batch
 
 

@@ -1,6 +1,9 @@
-"""export + predict on raw inputs must give what eval computes from the cache for the same rows."""
+"""The whole workflow on the demo data: tune (BitFit) -> extract with the deltas -> fit -> export -> predict.
+
+Predictions on raw inputs must equal what eval computes from the cache for the same rows."""
 import json
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -14,7 +17,9 @@ from embcache.evaluate import load_run, predict_logits
 from embcache.extract import ExtractConfig, extract
 from embcache.models import FitConfig
 from embcache.store import open_store
+from embcache.encoders import sha256_file
 from embcache.train import fit
+from embcache.tune import TuneConfig, tune
 from tiny_encoders import tiny_bert_dir, tiny_timm_checkpoint
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "data", "demo", "manifest.jsonl")
@@ -26,8 +31,13 @@ def trained(tmp_path_factory):
     tiny = {"image_encoder": "timm:test_efficientnet",
             "image_checkpoint": tiny_timm_checkpoint(str(tmp / "img.pth")),
             "text_encoder": f"hf:{tiny_bert_dir(str(tmp / 'bert'))}"}
-    extract(ExtractConfig(dataset="manifest", root=DEMO, out=str(tmp / "s.zarr"), workers=0, limit=80, **tiny),
+    tune(TuneConfig(dataset="manifest", root=DEMO, modality="text", out=str(tmp / "text-bitfit.safetensors"),
+                    text_encoder=tiny["text_encoder"], epochs=1, workers=0), progress=False, log=lambda *_: None)
+    extract(ExtractConfig(dataset="manifest", root=DEMO, out=str(tmp / "s.zarr"), workers=0, limit=80,
+                          text_bitfit=str(tmp / "text-bitfit.safetensors"), **tiny),
             progress=False, log=lambda *_: None)
+    assert open_store(str(tmp / "s.zarr")).encoder("text")["bitfit_sha256"] == sha256_file(
+        str(tmp / "text-bitfit.safetensors"))
     fit(FitConfig(store=str(tmp / "s.zarr"), epochs=3), str(tmp / "run"), progress=False)
     result = CliRunner().invoke(cli, ["export", str(tmp / "run"), "--out", str(tmp / "m.embcache")])
     assert result.exit_code == 0, result.output
@@ -59,6 +69,8 @@ def test_predict_on_raw_inputs_matches_eval_from_the_cache(trained):
     assert [p["id"] for p in preds] == list(features.ids)
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert [p["labels"] for p in preds] == [[features.classes[i]] for i in expected.argmax(1)]
+    with zipfile.ZipFile(tmp / "m.embcache") as archive:  # the deltas travel inside the bundle
+        assert "bitfit-text.safetensors" in archive.namelist() and "bitfit-image.safetensors" not in archive.namelist()
 
 
 def test_python_api_fills_an_absent_modality_like_eval(trained):

@@ -1,0 +1,335 @@
+"""`embcache tune`: BitFit, i.e. adapt one frozen encoder to the task by training only its bias terms.
+
+Each encoder is tuned alone, on the training rows that have its modality (no pairs needed), with a temporary
+linear head on its pooled embedding and the task loss. Every parameter but the biases stays frozen, and so do
+the normalisation statistics (BatchNorm runs in eval mode). The result is a small file of bias deltas
+(docs/bitfit-format.md) that `embcache extract --image-bitfit/--text-bitfit` adds to the same base checkpoint.
+
+Each epoch ends with the validation metric and a resume state beside the output (`<out>.state.pt`), so a killed
+run, or a rerun with more --epochs, continues where it stopped; shuffling and dropout are seeded per epoch, so a
+resumed run gives the same result as a straight one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+from embcache import datasets as ds
+from embcache.encoders import (DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, Encoder, to_device,
+                               load_image_encoder, load_text_encoder)
+from embcache.evaluate import MAIN_METRIC, task_metrics
+from embcache.extract import Collate, SampleSource, resolve_device
+from embcache.train import task_loss
+
+FORMAT = "embcache.bitfit/1"
+# Batch keys of `extract.Collate` per modality: (positions of the rows that have it, the encoder's input).
+INPUTS = {"image": ("image_pos", "pixels"), "text": ("text_pos", "tokens")}
+
+
+class TuneError(ValueError):
+    """A tuning run that cannot start (no rows to train on, a resume state made with other arguments)."""
+
+
+@dataclass
+class TuneConfig:
+    dataset: str
+    root: str
+    modality: str                      # image | text
+    out: str
+    image_encoder: str = DEFAULT_IMAGE_ENCODER
+    image_checkpoint: str | None = None
+    text_encoder: str = DEFAULT_TEXT_ENCODER
+    text_pooling: str = "mean"
+    text_max_length: int = 128
+    epochs: int = 5
+    lr: float = 1e-3                   # the biases
+    head_lr: float = 1e-2              # the temporary linear head, which starts from scratch
+    batch_size: int = 32
+    workers: int = 2
+    device: str = "auto"
+    seed: int = 0
+    resume: bool | None = None         # None: resume when a state made with the same arguments exists
+    tune_biases: bool = True           # False: train the head alone on the frozen encoder (a linear probe)
+    dataset_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class TuneReport:
+    out: str
+    trainable: int                     # encoder parameters trained (the biases)
+    total: int                         # all encoder parameters
+    head: int                          # head parameters (trained, not part of the encoder)
+    start_epoch: int                   # 0 for a fresh run, else the epochs a resume state had done
+    history: list[dict]                # per epoch: epoch (1-based), loss, val (the metric, None without val rows)
+    metric: str                        # the validation metric's name
+    best_epoch: int
+    best_val: float | None
+    unreadable: int                    # rows skipped in the last epoch because their image did not decode
+    encoder: Encoder                   # the tuned encoder (best epoch), frozen again, ready to `encode`
+
+
+def state_path(out: str) -> str:
+    return f"{out}.state.pt"
+
+
+def is_bias(name: str) -> bool:
+    """Bias terms, normalisation biases and open_clip/torch attention's `in_proj_bias` included."""
+    return name.endswith("bias")
+
+
+def load_encoder(cfg: TuneConfig) -> Encoder:
+    if cfg.modality == "image":
+        return load_image_encoder(cfg.image_encoder, cfg.image_checkpoint)
+    if cfg.modality == "text":
+        return load_text_encoder(cfg.text_encoder, cfg.text_pooling, cfg.text_max_length)
+    raise TuneError(f"modality must be image or text, got {cfg.modality!r}")
+
+
+def set_training(module: torch.nn.Module) -> None:
+    """Train mode (dropout on, HF gradient checkpointing active) with BatchNorm statistics frozen: they are
+    buffers, not biases."""
+    module.train()
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
+            sub.eval()
+
+
+def enable_checkpointing(module: torch.nn.Module) -> None:
+    """Gradient checkpointing where the model offers it: timm and open_clip, or Hugging Face (v5 name, v4 name)."""
+    if hasattr(module, "set_grad_checkpointing"):
+        module.set_grad_checkpointing(True)
+    elif hasattr(module, "activation_checkpointing_enable"):
+        module.activation_checkpointing_enable()
+    elif hasattr(module, "gradient_checkpointing_enable"):
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def usable_rows(dataset: ds.Dataset, split: str, modality: str) -> list[ds.Sample]:
+    """The split's rows that have the modality and a label (-1 = unlabeled in single-label tasks)."""
+    return [s for s in dataset.samples if s.split == split and getattr(s, modality) is not None
+            and (dataset.task == "multilabel" or s.label >= 0)]
+
+
+def targets(samples: list[ds.Sample], task: str, n_classes: int) -> torch.Tensor:
+    if task == "multilabel":
+        y = torch.zeros(len(samples), n_classes)
+        for row, sample in enumerate(samples):
+            y[row, list(sample.label)] = 1.0
+        return y
+    return torch.tensor([s.label for s in samples], dtype=torch.long)
+
+
+class Tuner:
+    """The encoder, its head and their optimizer; one object so that resume state is one dict."""
+
+    def __init__(self, cfg: TuneConfig, encoder: Encoder, n_outputs: int, device: torch.device):
+        self.cfg, self.encoder, self.device = cfg, encoder, device
+        module = encoder.module.to(device)
+        self.biases = {n: p for n, p in module.named_parameters() if is_bias(n)}
+        self.base = {n: p.detach().clone() for n, p in self.biases.items()}
+        torch.manual_seed(cfg.seed)
+        self.head = torch.nn.Linear(encoder.dim, n_outputs).to(device)
+        groups = [{"params": list(self.head.parameters()), "lr": cfg.head_lr}]
+        if cfg.tune_biases:
+            for p in self.biases.values():
+                p.requires_grad_(True)
+            groups.append({"params": list(self.biases.values()), "lr": cfg.lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        if device.type == "cuda":
+            enable_checkpointing(module)
+
+    def embed(self, inputs) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self.encoder.forward(self.encoder.module, inputs).float()
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        return {n: (p.detach() - self.base[n]).cpu() for n, p in self.biases.items()}
+
+    def state(self) -> dict:
+        return {"biases": {n: p.detach().cpu().clone() for n, p in self.biases.items()},
+                "head": {k: v.cpu().clone() for k, v in self.head.state_dict().items()},
+                "optimizer": self.optimizer.state_dict()}
+
+    def keep(self, best: dict) -> Encoder:
+        """Put the best epoch's biases back (base + delta, as `apply_bitfit` does) and freeze the encoder."""
+        with torch.no_grad():
+            for n, p in self.biases.items():
+                p.copy_(self.base[n] + best["delta"][n].to(p.device))
+                p.requires_grad_(False)
+        self.encoder.module.eval()
+        return self.encoder
+
+    def load_state(self, state: dict) -> None:
+        with torch.no_grad():
+            for n, p in self.biases.items():
+                p.copy_(state["biases"][n])
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def batches(samples, task, n_classes, encoder, cfg, order: list[int]):
+    """(encoder inputs, targets, rows dropped) per batch of `order`; rows whose image does not decode are dropped."""
+    source = SampleSource(samples, encoder.preprocess, cfg.modality == "image", cfg.modality == "text")
+    collate = Collate(encoder.preprocess if cfg.modality == "text" else None)
+    chunks = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    loader = DataLoader(source, batch_sampler=chunks, num_workers=cfg.workers, collate_fn=collate)
+    y_all = targets(samples, task, n_classes)
+    pos_key, input_key = INPUTS[cfg.modality]
+    for batch in loader:
+        pos = batch[pos_key]
+        yield batch[input_key], y_all[batch["rows"][pos]], len(batch["rows"]) - len(pos)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def train_epoch(tuner: Tuner, samples, task, n_classes, epoch: int, bar) -> tuple[float, int]:
+    cfg = tuner.cfg
+    torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout, the same whether resumed or not
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch)))
+    set_training(tuner.encoder.module)
+    total, count, unreadable = 0.0, 0, 0
+    for inputs, y, dropped in batches(samples, task, n_classes, tuner.encoder, cfg, order.tolist()):
+        unreadable += dropped
+        bar.update(len(y) + dropped)
+        if not len(y):
+            continue
+        y = y.to(tuner.device)
+        loss = task_loss(task, tuner.head(tuner.embed(to_device(inputs, tuner.device))), y)
+        tuner.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        tuner.optimizer.step()
+        total, count = total + loss.item() * len(y), count + len(y)
+        bar.set_postfix(loss=f"{total / count:.4f}")
+    return total / max(count, 1), unreadable
+
+
+@torch.no_grad()
+def validate(tuner: Tuner, samples, task, n_classes) -> tuple[float | None, int]:
+    """The task's main metric on `samples` (None when there are none, or AUROC sees one class)."""
+    if not samples:
+        return None, 0
+    tuner.encoder.module.eval()
+    logits, ys, unreadable = [], [], 0
+    for inputs, y, dropped in batches(samples, task, n_classes, tuner.encoder, tuner.cfg, list(range(len(samples)))):
+        unreadable += dropped
+        if len(y):
+            logits.append(tuner.head(tuner.embed(to_device(inputs, tuner.device))).cpu())
+            ys.append(y)
+    if not ys:
+        return None, unreadable
+    return task_metrics(task, torch.cat(logits), torch.cat(ys))[MAIN_METRIC[task]], unreadable
+
+
+def run_arguments(cfg: TuneConfig, encoder: Encoder) -> dict:
+    """What a resume state must share with the run that continues it (not --epochs: more may be asked)."""
+    return {"dataset": cfg.dataset, "root": os.path.abspath(cfg.root), "options": cfg.dataset_options,
+            "modality": cfg.modality, "encoder": encoder.attrs["model"],
+            "checkpoint_sha256": encoder.attrs["checkpoint_sha256"], "preprocess": encoder.attrs["preprocess"],
+            "pooling": encoder.attrs["pooling"], "lr": cfg.lr, "head_lr": cfg.head_lr,
+            "batch_size": cfg.batch_size, "seed": cfg.seed, "tune_biases": cfg.tune_biases}
+
+
+def load_resume_state(cfg: TuneConfig, arguments: dict, log) -> dict | None:
+    path = state_path(cfg.out)
+    if cfg.resume is False or not os.path.exists(path):
+        if cfg.resume:
+            raise TuneError(f"--resume: there is no resume state {path}")
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    diffs = [f"{k}: {state['arguments'].get(k)!r} -> {v!r}" for k, v in arguments.items()
+             if state["arguments"].get(k) != v]
+    if not diffs:
+        return state
+    if cfg.resume:
+        raise TuneError(f"{path} was made with other arguments ({'; '.join(diffs)}); drop --resume to start over")
+    log(f"{path} was made with other arguments ({'; '.join(diffs)}): starting over")
+    return None
+
+
+def save_atomic(write, path: str) -> None:
+    """`write(tmp)` then rename: a reader never sees a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bitfit(path: str, best: dict, encoder: Encoder, cfg: TuneConfig, dataset: ds.Dataset,
+                 metric: str) -> None:
+    tensors = {f"delta.{n}": d.contiguous() for n, d in best["delta"].items()}
+    tensors.update({f"head.{k}": v.contiguous() for k, v in best["head"].items()})
+    attrs = encoder.attrs
+    metadata = {"format": FORMAT, "base_checkpoint_sha256": attrs["checkpoint_sha256"],
+                "modality": cfg.modality, "encoder": attrs["model"], "pooling": attrs["pooling"],
+                "preprocess": json.dumps(attrs["preprocess"]), "task": dataset.task,
+                "classes": json.dumps(dataset.classes), "best_epoch": str(best["epoch"]), "metric": metric,
+                "val_metric": json.dumps(best["val"]), "biases_tuned": json.dumps(cfg.tune_biases)}
+    save_atomic(lambda tmp: save_file(tensors, tmp, metadata=metadata), path)
+
+
+def tune(cfg: TuneConfig, progress: bool = True, log=print) -> TuneReport:
+    try:
+        dataset = ds.open_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
+    except ds.DatasetError as exc:
+        raise TuneError(str(exc)) from exc
+    except TypeError as exc:  # a reader option the reader does not take
+        raise TuneError(f"unknown --option for {cfg.dataset}: {exc}") from exc
+    train, val = (usable_rows(dataset, split, cfg.modality) for split in ("train", "val"))
+    if not train:
+        raise TuneError(f"{cfg.root}: no labeled training row has the {cfg.modality}")
+    if not val:
+        log("no labeled validation row has the modality: the last epoch is kept")
+    task, n_classes, metric = dataset.task, len(dataset.classes), MAIN_METRIC[dataset.task]
+    encoder = load_encoder(cfg)
+    device = resolve_device(cfg.device)
+    tuner = Tuner(cfg, encoder, n_classes, device)
+    trainable = sum(p.numel() for p in tuner.biases.values()) if cfg.tune_biases else 0
+    total = sum(p.numel() for p in encoder.module.parameters())
+    head = sum(p.numel() for p in tuner.head.parameters())
+    log(f"trainable: {trainable:,} of {total:,} encoder parameters ({100 * trainable / total:.3f}%), "
+        f"plus the head's {head:,}; {len(train)} training and {len(val)} validation rows")
+
+    arguments = run_arguments(cfg, encoder)
+    state = load_resume_state(cfg, arguments, log)
+    if state is not None:
+        tuner.load_state(state["tuner"])
+        log(f"resuming from {state_path(cfg.out)}: epoch {state['epoch']} of {cfg.epochs} done")
+    start = state["epoch"] if state else 0
+    best = state["best"] if state else None
+    history = state["history"] if state else []
+
+    from tqdm.auto import tqdm
+
+    unreadable = 0
+    for epoch in range(start, cfg.epochs):
+        with tqdm(total=len(train), unit="sample", desc=f"tune {epoch + 1}/{cfg.epochs}",
+                  disable=not progress, leave=False) as bar:
+            loss, unreadable = train_epoch(tuner, train, task, n_classes, epoch, bar)
+        val_value, val_unreadable = validate(tuner, val, task, n_classes)
+        unreadable += val_unreadable
+        history.append({"epoch": epoch + 1, "loss": loss, "val": val_value})
+        score = -math.inf if val_value is None else val_value
+        if best is None or score >= best["score"]:  # ties go to the later epoch
+            best = {"epoch": epoch + 1, "score": score, "val": val_value, "delta": tuner.delta(),
+                    "head": {k: v.cpu().clone() for k, v in tuner.head.state_dict().items()}}
+        log(f"epoch {epoch + 1}: loss {loss:.4f}, val {metric} "
+            f"{'-' if val_value is None else f'{val_value:.4f}'}")
+        state = {"arguments": arguments, "epoch": epoch + 1, "tuner": tuner.state(), "best": best,
+                 "history": history}
+        save_atomic(lambda tmp: torch.save(state, tmp), state_path(cfg.out))
+    if best is None:
+        raise TuneError(f"--epochs {cfg.epochs}: nothing to do and no earlier epoch to keep")
+    write_bitfit(cfg.out, best, encoder, cfg, dataset, metric)
+    return TuneReport(cfg.out, trainable, total, head, start, history, metric, best["epoch"], best["val"],
+                      unreadable, tuner.keep(best))

@@ -1,0 +1,239 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors import safe_open
+
+from embcache import encoders as enc
+from embcache.cli.tune import tune_command
+from embcache.tune import TuneConfig, TuneError, enable_checkpointing, is_bias, set_training, state_path, tune
+from tiny_encoders import register_tiny_open_clip, tiny_bert_dir, tiny_timm_checkpoint
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "data", "fixtures")
+MANIFEST = os.path.join(FIXTURES, "manifest", "manifest.jsonl")
+FOOD101 = os.path.join(FIXTURES, "food101")
+CPU = torch.device("cpu")
+QUIET = {"progress": False, "log": lambda *_: None}
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return tiny_bert_dir(str(tmp_path_factory.mktemp("bert")))
+
+
+@pytest.fixture(scope="module")
+def timm_ckpt(tmp_path_factory):
+    return tiny_timm_checkpoint(str(tmp_path_factory.mktemp("timm") / "w.pth"))
+
+
+def text_config(bert_dir, out, **kw) -> TuneConfig:
+    return TuneConfig(dataset="manifest", root=MANIFEST, modality="text", out=str(out), text_encoder=f"hf:{bert_dir}",
+                      workers=0, **{"epochs": 2, "lr": 1e-2, "batch_size": 2, **kw})
+
+
+def image_config(timm_ckpt, out, **kw) -> TuneConfig:
+    return TuneConfig(dataset="food101", root=FOOD101, modality="image", out=str(out),
+                      image_encoder="timm:test_efficientnet", image_checkpoint=timm_ckpt, workers=0,
+                      **{"epochs": 2, "lr": 1e-2, "batch_size": 4, **kw})
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}
+
+
+def metadata(path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.metadata()
+
+
+# ---------------------------------------------------------------- BitFit solves what the frozen encoder cannot
+
+
+def contrast_manifest(folder, n_train=48, n_val=16, size=168, seed=0) -> str:
+    """Random +-1 pixel patterns around grey 128, each drawn at low and at high contrast; the label is the
+    contrast. Every pattern appears in both classes, so only the contrast tells them apart."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_train + n_val):
+        signs = rng.choice([-1, 1], size=(size, size, 3))
+        for level, gain in (("low", 40), ("high", 80)):
+            name = f"p{i}_{level}.png"
+            Image.fromarray((128 + gain * signs).astype(np.uint8)).save(os.path.join(folder, name))
+            rows.append({"id": name[:-4], "image": name, "label": level,
+                         "split": "train" if i < n_train else "val"})
+    path = os.path.join(folder, "manifest.jsonl")
+    with open(path, "w") as fh:
+        fh.writelines(json.dumps(row) + "\n" for row in rows)
+    return path
+
+
+def contrast_blind_convnext(path) -> str:
+    """A random ConvNeXt whose stem bias cancels grey 128: the stem conv then sees gain * pattern, and the
+    LayerNorm right after it removes the gain, so the frozen features are the same at both contrasts. Tuning
+    the stem bias (a bias before that LayerNorm) is what breaks the invariance."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_convnext", pretrained=False)
+    cfg, stem = model.pretrained_cfg, model.stem[0]
+    grey = torch.tensor([(128 / 255 - m) / s for m, s in zip(cfg["mean"], cfg["std"])])
+    with torch.no_grad():
+        stem.bias.copy_(-(stem.weight.sum((2, 3)) * grey).sum(1))
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_bias_tuning_solves_a_task_the_frozen_encoder_cannot(tmp_path):
+    root = contrast_manifest(str(tmp_path))
+    config = dict(dataset="manifest", root=root, modality="image", image_encoder="timm:test_convnext",
+                  image_checkpoint=contrast_blind_convnext(str(tmp_path / "convnext.pth")), epochs=4,
+                  batch_size=16, lr=1e-2, workers=0, seed=0)
+    probe = tune(TuneConfig(out=str(tmp_path / "probe.safetensors"), tune_biases=False, **config), **QUIET)
+    tuned = tune(TuneConfig(out=str(tmp_path / "tuned.safetensors"), **config), **QUIET)
+    assert probe.metric == tuned.metric == "auroc"
+    # Same features for both members of every pair: any head scores 0.5 up to float noise.
+    assert probe.trainable == 0 and abs(probe.best_val - 0.5) < 0.05
+    assert tuned.best_val > 0.8
+
+
+# ---------------------------------------------------------------- what changes, and the file
+
+
+def non_bias_state(module) -> dict[str, torch.Tensor]:
+    """Every tensor of the module but the biases: weights and buffers (BatchNorm statistics included)."""
+    return {k: v for k, v in module.state_dict().items() if not is_bias(k)}
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_only_biases_change_and_the_file_reproduces_the_tuned_encoder(modality, bert_dir, timm_ckpt, tmp_path):
+    out = tmp_path / "bitfit.safetensors"
+    if modality == "image":
+        cfg = image_config(timm_ckpt, out)
+        load = lambda **kw: enc.load_image_encoder("timm:test_efficientnet", timm_ckpt, **kw)  # noqa: E731
+    else:
+        cfg = text_config(bert_dir, out)
+        load = lambda **kw: enc.load_text_encoder(f"hf:{bert_dir}", **kw)  # noqa: E731
+    base = load()
+    if modality == "image":
+        inputs = torch.stack([base.preprocess(Image.new("RGB", (40, 30), c)) for c in ("red", "navy")])
+    else:
+        inputs = base.preprocess(["a cat on a mat", "two dogs"])
+    lines = []
+    report = tune(cfg, progress=False, log=lines.append)
+    tuned = report.encoder
+
+    biases = {n: p for n, p in base.module.named_parameters() if is_bias(n)}
+    assert report.trainable == sum(p.numel() for p in biases.values()) > 0
+    assert report.total == sum(p.numel() for p in base.module.parameters())
+    assert f"trainable: {report.trainable:,} of {report.total:,}" in lines[0]
+    before, after = non_bias_state(base.module), non_bias_state(tuned.module)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(p, dict(tuned.module.named_parameters())[n]) for n, p in biases.items())
+
+    saved = tensors(out)
+    assert set(saved) == {f"delta.{n}" for n in biases} | {"head.weight", "head.bias"}
+    applied = load(bitfit=str(out))
+    torch.testing.assert_close(applied.encode(inputs, CPU), tuned.encode(inputs, CPU))
+    assert not torch.allclose(base.encode(inputs, CPU), tuned.encode(inputs, CPU))
+    assert applied.attrs["bitfit_sha256"] == enc.sha256_file(str(out))
+
+
+def test_the_file_records_where_it_comes_from(bert_dir, tmp_path):
+    report = tune(text_config(bert_dir, tmp_path / "t.safetensors"), **QUIET)
+    meta = metadata(report.out)
+    assert meta["base_checkpoint_sha256"] == report.encoder.attrs["checkpoint_sha256"]
+    assert (meta["modality"], meta["encoder"], meta["pooling"], meta["task"]) == ("text", f"hf:{bert_dir}", "mean",
+                                                                                  "multiclass")
+    assert json.loads(meta["classes"]) == ["bird", "cat", "dog"]
+    assert int(meta["best_epoch"]) == report.best_epoch and meta["metric"] == "accuracy"
+    assert json.loads(meta["val_metric"]) == pytest.approx(report.best_val)
+    assert tensors(report.out)["head.weight"].shape == (3, 32)
+
+
+def test_a_delta_on_another_checkpoint_is_refused(timm_ckpt, tmp_path):
+    report = tune(image_config(timm_ckpt, tmp_path / "d.safetensors", epochs=1), **QUIET)
+    assert report.unreadable == 2  # pizza_1 (random bytes), sushi_2 (empty): skipped, not fatal
+    other = torch.load(timm_ckpt, weights_only=True)
+    other["conv_stem.weight"] = other["conv_stem.weight"] * 2
+    torch.save(other, tmp_path / "other.pth")
+    with pytest.raises(enc.EncoderError, match="tuned on checkpoint"):
+        enc.load_image_encoder("timm:test_efficientnet", str(tmp_path / "other.pth"), bitfit=report.out)
+
+
+# ---------------------------------------------------------------- resume
+
+
+def test_resume_continues_from_the_saved_epoch_and_matches_a_straight_run(bert_dir, tmp_path):
+    straight = tune(text_config(bert_dir, tmp_path / "straight.safetensors", epochs=2), **QUIET)
+    first = tune(text_config(bert_dir, tmp_path / "resumed.safetensors", epochs=1), **QUIET)
+    assert first.start_epoch == 0 and os.path.exists(state_path(first.out))
+    resumed = tune(text_config(bert_dir, tmp_path / "resumed.safetensors", epochs=2), **QUIET)
+    assert resumed.start_epoch == 1 and [h["epoch"] for h in resumed.history] == [1, 2]
+    assert resumed.history == straight.history
+    a, b = tensors(straight.out), tensors(resumed.out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_state_made_with_other_arguments_is_not_resumed(bert_dir, tmp_path):
+    out = tmp_path / "r.safetensors"
+    tune(text_config(bert_dir, out, epochs=1), **QUIET)
+    lines = []
+    again = tune(text_config(bert_dir, out, epochs=1, lr=2e-2), progress=False, log=lines.append)
+    assert again.start_epoch == 0 and any("other arguments" in line and "lr" in line for line in lines)
+    with pytest.raises(TuneError, match="other arguments"):
+        tune(text_config(bert_dir, out, epochs=1, lr=3e-2, resume=True), **QUIET)
+    fresh = tune(text_config(bert_dir, out, epochs=2, lr=2e-2, resume=False), **QUIET)
+    assert fresh.start_epoch == 0
+
+
+# ---------------------------------------------------------------- GPU switches, checked on the CPU
+
+
+@pytest.mark.parametrize("backend", ["timm", "open_clip", "hf"])
+def test_gradient_checkpointing_keeps_the_bias_gradients(backend, bert_dir, timm_ckpt, tmp_path):
+    if backend == "timm":
+        encoder = enc.load_image_encoder("timm:test_efficientnet", timm_ckpt)
+        inputs = torch.randn(2, 3, 64, 64)
+    elif backend == "open_clip":
+        encoder = enc.load_image_encoder(f"open_clip:{register_tiny_open_clip(str(tmp_path))}")
+        inputs = torch.randn(2, 3, 32, 32)
+    else:
+        encoder = enc.load_text_encoder(f"hf:{bert_dir}")
+        inputs = encoder.preprocess(["checkpointed", "or not"])
+    biases = [p.requires_grad_(True) for n, p in encoder.module.named_parameters() if is_bias(n)]
+
+    def gradients():
+        torch.manual_seed(0)
+        set_training(encoder.module)
+        encoder.forward(encoder.module, inputs).square().sum().backward()
+        grads = [p.grad.clone() if p.grad is not None else None for p in biases]
+        for p in biases:
+            p.grad = None
+        return grads
+
+    plain = gradients()
+    enable_checkpointing(encoder.module)
+    for a, b in zip(plain, gradients()):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_command(bert_dir, tmp_path):
+    out = str(tmp_path / "cli.safetensors")
+    args = ["--dataset", "manifest", "--root", MANIFEST, "--modality", "text", "--text-encoder", f"hf:{bert_dir}",
+            "--epochs", "1", "--batch-size", "2", "--workers", "0", "--out", out, "--quiet"]
+    result = CliRunner().invoke(tune_command, args)
+    assert result.exit_code == 0, result.output
+    assert "trainable:" in result.output and "best epoch 1, val accuracy" in result.output
+    assert metadata(out)["modality"] == "text"
+    result = CliRunner().invoke(tune_command, args + ["--text-bitfit", out])
+    assert result.exit_code != 0 and "base checkpoint" in result.output
+    result = CliRunner().invoke(tune_command, args + ["--option", "nonsense=1"])
+    assert result.exit_code == 1 and "Error: unknown --option" in result.output

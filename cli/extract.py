@@ -51,6 +51,9 @@ def _config(dataset, root, out, option, **kw):
 @click.option("--chunk-rows", type=int, default=None, help="Rows per Zarr chunk (default: about 4 MB chunks).")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with other encoders or data.")
 @click.option("--limit", type=int, default=None, help="Only the first N samples (a quick trial).")
+@click.option("--cache-layers", type=click.IntRange(0), default=0, show_default=True,
+              help="Also store the hidden states entering the last K transformer blocks of each encoder that has "
+                   "them (for `fit --predictor prompts`); prints the size and refuses when the disk lacks it.")
 @click.option("--option", multiple=True, metavar="KEY=VALUE", help="Reader option, e.g. val_fraction=0.1.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors(DatasetError, EncoderError, StoreError, ValueError)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import collections
 import os
 import queue
+import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -54,6 +55,7 @@ class ExtractConfig:
     chunk_rows: int | None = None
     overwrite: bool = False
     limit: int | None = None           # only the first `limit` samples (quick trials, benchmarks)
+    cache_layers: int = 0              # > 0: also store the hidden states entering the last k blocks
     dataset_options: dict = field(default_factory=dict)
 
 
@@ -147,11 +149,14 @@ class ChunkWriter:
     committed chunk or one that a restart will redo.
     """
 
-    def __init__(self, root, modalities: dict[str, int], meta: dict, emb_dtype: str):
+    def __init__(self, root, modalities: dict[str, int], meta: dict, emb_dtype: str,
+                 hidden: dict[str, tuple[int, int]] | None = None):
         self.root, self.meta = root, meta
         rows = meta["chunk_rows"]
         self.buffers = {m: (np.zeros((rows, dim), dtype=emb_dtype), np.zeros(rows, bool), np.zeros(rows, np.uint8))
                         for m, dim in modalities.items()}
+        for m, (tokens, width) in (hidden or {}).items():  # block key "<m>/hidden": (states, mask)
+            self.buffers[f"{m}/hidden"] = (np.zeros((rows, tokens, width), emb_dtype), np.zeros((rows, tokens), bool))
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="embcache-writer", daemon=True)
@@ -187,7 +192,11 @@ class ChunkWriter:
                 buf[offset:offset + n] = src
         if start + n == chunk_stop:
             size = chunk_stop - chunk_start
-            for m, (emb, present, reason) in self.buffers.items():
+            for m, arrays in self.buffers.items():
+                if m.endswith("/hidden"):
+                    st.write_hidden(self.root, m.split("/")[0], chunk_start, arrays[0][:size], arrays[1][:size])
+                    continue
+                emb, present, reason = arrays
                 st.write_rows(self.root, m, chunk_start, emb[:size], present[:size], reason[:size])
             st.mark_chunk_done(self.root, chunk)
 
@@ -217,11 +226,16 @@ def reason_vocabulary(dataset: ds.Dataset) -> list[str]:
     return list(BASE_REASONS) + extra
 
 
-def encode_rows(encoder: Encoder, batch, device: torch.device) -> torch.Tensor:
-    """Encode, halving the batch on a CUDA out-of-memory error instead of failing the run."""
+def encode_rows(encoder: Encoder, batch, device: torch.device, capture=None) -> torch.Tensor:
+    """Encode, halving the batch on a CUDA out-of-memory error instead of failing the run.
+
+    capture: a prompts.StateCapture hooked into the encoder; what a failed attempt recorded is dropped."""
+    mark = len(capture.states) if capture is not None else 0
     try:
         return encoder.encode(batch, device)
     except torch.cuda.OutOfMemoryError:
+        if capture is not None:
+            del capture.states[mark:]
         torch.cuda.empty_cache()
         n = len(batch) if isinstance(batch, torch.Tensor) else len(batch["input_ids"])
         if n == 1:
@@ -230,7 +244,108 @@ def encode_rows(encoder: Encoder, batch, device: torch.device) -> torch.Tensor:
             halves = (batch[: n // 2], batch[n // 2:])
         else:
             halves = ({k: v[: n // 2] for k, v in batch.items()}, {k: v[n // 2:] for k, v in batch.items()})
-        return torch.cat([encode_rows(encoder, half, device) for half in halves])
+        return torch.cat([encode_rows(encoder, half, device, capture) for half in halves])
+
+
+@dataclass
+class HiddenSpec:
+    """What `--cache-layers k` stores for one modality."""
+
+    capture: object                    # prompts.StateCapture on the input of block `index`
+    index: int
+    tokens: int                        # T (text: the max length; shorter rows are zero-padded)
+    width: int
+    text: bool
+
+
+def setup_hidden(cfg: ExtractConfig, encoders: dict[str, Encoder], log) -> dict[str, HiddenSpec]:
+    """Hook the input of the last `cache_layers` blocks of every encoder that has transformer blocks and record
+    k in its attrs (and so in the fingerprint); say so for the others, which store no states."""
+    if cfg.cache_layers < 0:
+        raise ExtractError(f"--cache-layers must be >= 0, got {cfg.cache_layers}")
+    if not cfg.cache_layers:
+        return {}
+    from embcache import prompts
+
+    specs: dict[str, HiddenSpec] = {}
+    for m, enc in encoders.items():
+        backend = enc.attrs["backend"]
+        if prompts.blocks_of(backend, enc.module) is None:
+            log(f"--cache-layers {cfg.cache_layers}: the {m} encoder {enc.attrs['model']} stores no hidden states: "
+                f"{prompts.why_no_blocks(backend, enc.module)}")
+            continue
+        try:
+            capture, index = prompts.attach_capture(backend, enc.module, cfg.cache_layers)
+        except prompts.PromptError as exc:
+            raise ExtractError(f"{m} encoder {enc.attrs['model']}: {exc}") from exc
+        if m == "text":
+            tokens, width = enc.preprocess.max_length, int(enc.module.config.hidden_size)
+        else:
+            size = enc.attrs["preprocess"]["size"]
+            with torch.inference_mode():
+                enc.module(torch.zeros(1, 3, size, size))
+            tokens, width = capture.states.pop().shape[1:]
+            capture.states.clear()
+        enc.attrs.update(cache_layers=cfg.cache_layers, hidden_layer_index=index)
+        specs[m] = HiddenSpec(capture, index, int(tokens), int(width), m == "text")
+    return specs
+
+
+def hidden_chunk_rows(specs: dict[str, HiddenSpec], dtype: str, target_bytes: int = 64 << 20) -> int:
+    """Rows per chunk so that the largest hidden-state chunk is about `target_bytes` (a power of 2, >= 8)."""
+    row = max(s.tokens * s.width for s in specs.values()) * np.dtype(dtype).itemsize
+    return 1 << int(np.log2(max(8, target_bytes // row)))
+
+
+def check_room(cfg: ExtractConfig, specs: dict[str, HiddenSpec], n_rows: int, log) -> None:
+    """Print the size the hidden states imply; refuse to start where a local destination lacks the room."""
+    from embcache.prompts import hidden_bytes
+
+    sizes = {m: hidden_bytes(n_rows, s.tokens, s.width, cfg.dtype) for m, s in specs.items()}
+    total = sum(sizes.values())
+    def human(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    parts = ", ".join(f"{m} {n_rows} x {s.tokens} x {s.width} {cfg.dtype} = {human(sizes[m])}"
+                      for m, s in specs.items())
+    log(f"--cache-layers {cfg.cache_layers}: hidden states need up to {human(total)} ({parts}; "
+        "uncompressed, text padding compresses away)")
+    if "://" in cfg.out and not cfg.out.startswith("file://"):
+        return  # remote stores: no portable way to ask for free space
+    path = os.path.abspath(cfg.out[len("file://"):] if cfg.out.startswith("file://") else cfg.out)
+    existing = st.read_meta(cfg.out)
+    if existing is not None and not cfg.overwrite and existing.get("fingerprint") and os.path.isdir(path):
+        done = st.chunks_done(st.open_store(cfg.out, require_complete=False).root)  # a resume needs the rest
+        total = int(total * (1 - done.mean()))
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if total > free:
+        raise ExtractError(f"{cfg.out}: the hidden states of --cache-layers {cfg.cache_layers} need up to "
+                           f"{human(total)} and {probe} has {human(free)} free; free space, "
+                           "lower --cache-layers or --text-max-length, or choose another --out")
+
+
+def hidden_block(spec: HiddenSpec, n: int, pos: np.ndarray, inputs, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """The captured states of one batch as (n, T, W) and the (n, T) mask: zeros for absent rows and, for
+    text, beyond each row's real length."""
+    states = np.zeros((n, spec.tokens, spec.width), dtype=dtype)
+    mask = np.zeros((n, spec.tokens), dtype=bool)
+    if len(pos):
+        got = torch.cat(spec.capture.states)
+        spec.capture.states.clear()
+        if dtype == "float16":
+            got = got.clamp(-65504, 65504)
+        if spec.text:
+            real = inputs["attention_mask"].bool()
+            got = got * real.unsqueeze(-1).to(got.device)
+            states[pos, :got.shape[1]] = got.cpu().numpy()
+            mask[pos, :real.shape[1]] = real.numpy()
+        else:
+            states[pos] = got.cpu().numpy()
+            mask[pos] = True
+    return states, mask
 
 
 def chunk_batches(meta: dict, chunks: list[int], batch_size: int) -> list[list[int]]:
@@ -321,9 +436,19 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> ExtractRepo
     encoders = load_encoders(cfg)
     ranks = Ranks.from_env()
     n = len(dataset.samples)
+    hidden = setup_hidden(cfg, encoders, log if ranks.rank == 0 else (lambda *_: None))
+    if hidden:
+        if cfg.chunk_rows is None:
+            cfg = replace(cfg, chunk_rows=min(hidden_chunk_rows(hidden, cfg.dtype),
+                                             st.default_chunk_rows(max(e.dim for e in encoders.values()))))
+        if ranks.rank == 0:
+            check_room(cfg, hidden, n, log)
 
     if ranks.rank == 0:
         root, complete = prepare_store(cfg, dataset, {m: e.attrs for m, e in encoders.items()}, log)
+        if hidden and not complete and "hidden" not in root[next(iter(hidden))]:
+            for m, spec in hidden.items():
+                st.create_hidden(root, m, spec.tokens, spec.width, cfg.dtype, with_mask=spec.text)
     ranks.barrier()
     if ranks.rank != 0:
         root = st.open_store(cfg.out, require_complete=False, mode="r+").root
@@ -342,7 +467,8 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> ExtractRepo
         SampleSource(dataset.samples, encoders["image"].preprocess, True, True), batch_sampler=batches,
         num_workers=cfg.workers, collate_fn=Collate(encoders["text"].preprocess),
         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
-    writer = ChunkWriter(root, {m: e.dim for m, e in encoders.items()}, meta, cfg.dtype)
+    writer = ChunkWriter(root, {m: e.dim for m, e in encoders.items()}, meta, cfg.dtype,
+                         {m: (s.tokens, s.width) for m, s in hidden.items()})
     present_count = {m: 0 for m in encoders}
     todo = sum(len(b) for b in batches)
 
@@ -364,10 +490,14 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> ExtractRepo
                     if why is not None:
                         reason[k] = code[why]
                 pos = batch[pos_key].numpy()
+                spec = hidden.get(m)
                 if len(pos):
-                    emb[pos] = encode_rows(encoders[m], batch[input_key], device).cpu().numpy()
+                    emb[pos] = encode_rows(encoders[m], batch[input_key], device,
+                                           spec.capture if spec else None).cpu().numpy()
                     present[pos] = True
                     present_count[m] += len(pos)
+                if spec:
+                    block[f"{m}/hidden"] = hidden_block(spec, len(rows), pos, batch[input_key], cfg.dtype)
                 block[m] = (emb, present, reason)
             writer.put(int(rows[0]), block)
             bar.update(len(rows))

@@ -24,6 +24,9 @@ EMB_DTYPES = ("float16", "float32")
 # `versions` is informative only: a library upgrade alone does not invalidate a cache.
 FINGERPRINT_FIELDS = ("backend", "model", "checkpoint_sha256", "bitfit_sha256",
                       "preprocess", "pooling", "dim", "dtype")
+# Fields that enter the fingerprint only when set (`cache_layers`: hidden states of the last k blocks are
+# stored, `extract --cache-layers k`), so that stores and runs made without them keep their fingerprints.
+OPTIONAL_FINGERPRINT_FIELDS = ("cache_layers",)
 
 
 class StoreError(ValueError):
@@ -53,8 +56,15 @@ def fingerprint(meta: dict, encoders: dict[str, dict]) -> dict:
         "dataset": meta["dataset"]["name"],
         "options": meta["dataset"].get("options") or {},
         "n_rows": meta["dataset"]["n_rows"],
-        "encoders": {m: {k: enc.get(k) for k in FINGERPRINT_FIELDS} for m, enc in sorted(encoders.items())},
+        "encoders": {m: encoder_fingerprint(enc) for m, enc in sorted(encoders.items())},
     }
+
+
+def encoder_fingerprint(enc: dict) -> dict:
+    """The fields of one encoder's attrs that decide whether two extractions are interchangeable."""
+    fp = {k: enc.get(k) for k in FINGERPRINT_FIELDS}
+    fp.update({k: enc[k] for k in OPTIONAL_FINGERPRINT_FIELDS if enc.get(k)})
+    return fp
 
 
 def fingerprint_diff(old: dict, new: dict) -> list[str]:
@@ -65,7 +75,7 @@ def fingerprint_diff(old: dict, new: dict) -> list[str]:
             diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
     old_enc, new_enc = old.get("encoders", {}), new.get("encoders", {})
     for m in sorted(set(old_enc) | set(new_enc)):
-        for k in FINGERPRINT_FIELDS:
+        for k in FINGERPRINT_FIELDS + OPTIONAL_FINGERPRINT_FIELDS:
             a, b = old_enc.get(m, {}).get(k), new_enc.get(m, {}).get(k)
             if a != b:
                 diffs.append(f"{m}.{k}: {a!r} -> {b!r}")
@@ -160,6 +170,25 @@ def write_rows(root: zarr.Group, modality: str, start: int, emb: np.ndarray,
     group["reason"][start:stop] = reason
 
 
+def create_hidden(root: zarr.Group, modality: str, tokens: int, width: int, dtype: str,
+                  with_mask: bool) -> None:
+    """`<modality>/hidden` (N, T, W) chunked (chunk_rows, T, W), and for text `hidden_mask` (N, T) bool."""
+    n, rows = root["ids"].shape[0], root.attrs[ATTRS_KEY]["chunk_rows"]
+    group = root[modality]
+    group.create_array("hidden", shape=(n, tokens, width), dtype=dtype, chunks=(rows, tokens, width), fill_value=0)
+    if with_mask:
+        group.create_array("hidden_mask", shape=(n, tokens), dtype="bool", chunks=(rows, tokens), fill_value=False)
+
+
+def write_hidden(root: zarr.Group, modality: str, start: int, hidden: np.ndarray,
+                 mask: np.ndarray | None) -> None:
+    """Write a chunk-aligned block of hidden states (zeros beyond each row's real length)."""
+    group = root[modality]
+    group["hidden"][start:start + len(hidden)] = hidden.astype(group["hidden"].dtype, copy=False)
+    if mask is not None and "hidden_mask" in group:
+        group["hidden_mask"][start:start + len(hidden)] = mask
+
+
 def mark_complete(root: zarr.Group, problems: dict[str, int], extra: dict | None = None) -> None:
     """Record the problem counts and flip `complete`; the last write of an extraction."""
     meta = dict(root.attrs[ATTRS_KEY])
@@ -222,12 +251,32 @@ class FeatureStore:
     def embeddings(self, modality: str, dtype=np.float32) -> np.ndarray:
         return np.asarray(self.root[modality]["emb"][:], dtype=dtype)
 
-    def load(self) -> "CachedFeatures":
-        """Everything in host memory, embeddings as float32."""
+    def hidden_modalities(self) -> list[str]:
+        """Modalities whose hidden states are cached (`extract --cache-layers k`)."""
+        return [m for m in self.modalities if "hidden" in self.root[m]]
+
+    def hidden(self, modality: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """(states (N, T, W) as stored, mask (N, T) or None); text is cut to the longest real sequence."""
+        group = self.root[modality]
+        if "hidden_mask" not in group:
+            return np.asarray(group["hidden"][:]), None
+        mask = np.asarray(group["hidden_mask"][:], dtype=bool)
+        used = np.flatnonzero(mask.any(0))
+        length = int(used[-1]) + 1 if len(used) else 1
+        return np.asarray(group["hidden"][:, :length]), mask[:, :length]
+
+    def load(self, hidden: bool = False) -> "CachedFeatures":
+        """Everything in host memory, embeddings as float32. hidden: also the cached hidden states, as extra
+        `emb` entries `<modality>/hidden` (stored dtype) and `<modality>/hidden_mask` (text)."""
+        emb = {m: self.embeddings(m) for m in self.modalities}
+        for m in self.hidden_modalities() if hidden else ():
+            emb[f"{m}/hidden"], mask = self.hidden(m)
+            if mask is not None:
+                emb[f"{m}/hidden_mask"] = mask
         return CachedFeatures(
             ids=self.ids(), split=self.split(), labels=self.labels(),
             task_type=self.task_type, classes=self.classes,
-            emb={m: self.embeddings(m) for m in self.modalities},
+            emb=emb,
             present={m: self.present(m) for m in self.modalities},
             encoders={m: self.encoder(m) for m in self.modalities},
             meta=self.meta,

@@ -89,7 +89,7 @@ def prepare(data: Dataset, cfg: FitConfig, device: torch.device) -> Prepared:
         return np.linspace(0, n, steps + 1).round().astype(int).tolist()
 
     mean = {m: torch.as_tensor(split.emb[m][has[m]].mean(0), device=device) for m in MODALITIES}
-    std = {m: torch.as_tensor(split.emb[m][has[m]].std(0), device=device).clamp(min=1e-6) for m in MODALITIES}
+    std = {m: scale_of(split.emb[m][has[m]], device) for m in MODALITIES}
     val = data.splits["val"]
     scenario = scenario_of(cfg.test_missing_type, cfg.test_missing_rate)
     val_has = scenario_present(val.ids, val.present, scenario, cfg.test_missing_rate, cfg.missing_seed)
@@ -113,6 +113,17 @@ def prepare(data: Dataset, cfg: FitConfig, device: torch.device) -> Prepared:
 # ------------------------------------------------------------------------------------------------
 # The loss of one batch
 # ------------------------------------------------------------------------------------------------
+def scale_of(emb: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Per-dimension std for standardising; dimensions (nearly) constant on the train rows keep scale 1.
+
+    Dead ReLU units and float16 rounding leave dimensions whose train std is ~0; dividing by it would blow
+    the tiny differences of other rows up to huge standardised values (and ruin MSE, R2 and the classifier).
+    """
+    std = torch.as_tensor(emb.std(0), device=device)
+    floor = 1e-3 * std.median() if len(std) else 0.0
+    return torch.where(std > floor, std, torch.ones_like(std))
+
+
 def task_loss(task_type: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if task_type == "multilabel":
         return F.binary_cross_entropy_with_logits(logits, y)

@@ -257,6 +257,7 @@ def load_resume_state(cfg: TuneConfig, arguments: dict, log) -> dict | None:
 def save_atomic(write, path: str) -> None:
     """`write(tmp)` then rename: a reader never sees a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         write(tmp)
         os.replace(tmp, path)

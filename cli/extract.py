@@ -85,13 +85,19 @@ def extract_command(dataset, root, out, option, quiet, **kw):
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N samples.")
+@click.option("--processes", default=None, metavar="1,2",
+              help="Instead: time whole extract commands run as this many cooperating processes.")
 @click.option("--json", "json_path", default=None, help="Also write the figures here.")
 @user_errors(DatasetError, EncoderError, StoreError, ValueError)
-def extract_bench_command(dataset, root, limit, json_path, **kw):
+def extract_bench_command(dataset, root, limit, processes, json_path, **kw):
     """Whole-pipeline samples/s against the encoders' pure forward throughput at the same batch size."""
-    from embcache.bench_extract import run_extract_bench
+    from embcache.bench_extract import run_extract_bench, run_process_scaling
 
-    result = run_extract_bench(_config(dataset, root, "", (), **kw), limit=limit)
+    cfg = _config(dataset, root, "", (), **kw)
+    if processes:
+        result = run_process_scaling(cfg, [int(k) for k in processes.split(",")], limit=limit)
+    else:
+        result = run_extract_bench(cfg, limit=limit)
     for line in result["table"]:
         click.echo(line)
     if json_path:

@@ -82,3 +82,47 @@ def run_extract_bench(cfg: ExtractConfig, limit: int | None = None) -> dict:
         f"  ratio: {ratio:.2f}" + ("" if math.isfinite(ratio) else " (undefined)"),
     ]
     return result
+
+
+def run_process_scaling(cfg: ExtractConfig, counts: list[int], limit: int | None = None) -> dict:
+    """Wall time of whole `embcache extract` commands run as 1..K cooperating processes (torchrun-style ranks).
+
+    Each count is timed from launch to the last process's exit, model loading included, so the figures are
+    what a user waits for. With K processes, each gets max(1, workers // K) loader workers and
+    max(1, threads // K) torch threads, so K processes share the same cores as one.
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    threads = torch.get_num_threads()
+    rows = []
+    for k in counts:
+        with tempfile.TemporaryDirectory() as tmp:
+            args = [sys.executable, "-m", "embcache.cli", "extract", "--dataset", cfg.dataset, "--root", cfg.root,
+                    "--out", f"{tmp}/s.zarr", "--quiet", "--workers", str(max(1, cfg.workers // k)),
+                    "--image-encoder", cfg.image_encoder, "--text-encoder", cfg.text_encoder,
+                    "--device", cfg.device]
+            args += ["--image-checkpoint", cfg.image_checkpoint] if cfg.image_checkpoint else []
+            args += ["--batch-size", str(cfg.batch_size)] if cfg.batch_size else []
+            args += ["--limit", str(limit)] if limit else []
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            env = {**os.environ, "WORLD_SIZE": str(k), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "OMP_NUM_THREADS": str(max(1, threads // k))}
+            start = time.perf_counter()
+            procs = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(k)]
+            errors = [p.communicate()[1] for p in procs]
+            seconds = time.perf_counter() - start
+            if any(p.returncode for p in procs):
+                raise RuntimeError(f"extract with {k} processes failed:\n" + "\n".join(errors))
+            from embcache.store import open_store
+
+            n = open_store(f"{tmp}/s.zarr").n_rows
+        rows.append({"processes": k, "samples": n, "seconds": round(seconds, 2), "samples_per_s": round(n / seconds, 2)})
+    table = [f"extract as 1..{max(counts)} processes ({threads} cores' threads shared), whole commands timed:"]
+    table += [f"  {r['processes']} process(es): {r['seconds']:>7.1f} s, {r['samples_per_s']:>7.1f} samples/s" for r in rows]
+    return {"scaling": rows, "table": table}

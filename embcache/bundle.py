@@ -43,6 +43,9 @@ def export_bundle(run_dir: str, out: str, seed: int | None = None) -> str:
             raise BundleError(f"{run_dir} has no run for seed {seed}")
     run = runs[0]
     cfg, resolved, _ = load_run(run)
+    if resolved.get("predictors") and "prompts" in resolved["predictors"].values():
+        raise BundleError(f"{run} was trained with --predictor prompts; bundles hold MLP predictors only for now "
+                          "(predicting from raw inputs would also need the encoders' hidden states)")
     store = open_store(cfg.store)
     encoders = {m: store.encoder(m) for m in ("image", "text")}
     manifest = {

@@ -97,14 +97,20 @@ class StateCapture:
         self.states.append(x.detach().float())
 
 
-def attach_capture(backend: str, module: nn.Module, k: int) -> tuple[StateCapture, int]:
-    """Hook the input of the k-th block from the end; returns (capture, index of that block)."""
+def top_blocks(backend: str, module: nn.Module, k: int, what: str) -> tuple[str, list]:
+    """(family, blocks) of an encoder that has at least k transformer blocks, else a PromptError."""
     found = blocks_of(backend, module)
     if found is None:
         raise PromptError(why_no_blocks(backend, module))
     family, blocks = found
     if not 1 <= k <= len(blocks):
-        raise PromptError(f"--cache-layers {k}: the encoder has {len(blocks)} transformer blocks")
+        raise PromptError(f"{what} {k}: the encoder has {len(blocks)} transformer blocks")
+    return family, blocks
+
+
+def attach_capture(backend: str, module: nn.Module, k: int) -> tuple[StateCapture, int]:
+    """Hook the input of the k-th block from the end; returns (capture, index of that block)."""
+    family, blocks = top_blocks(backend, module, k, "--cache-layers")
     batch_first = True if family == "bert" else bool(getattr(module.transformer, "batch_first", True))
     capture = StateCapture(family, batch_first)
     index = len(blocks) - k
@@ -291,12 +297,7 @@ class OpenClipTopK(TopKRunner):
 
 
 def make_runner(backend: str, module: nn.Module, k: int, pooling: str = "mean") -> TopKRunner:
-    found = blocks_of(backend, module)
-    if found is None:
-        raise PromptError(why_no_blocks(backend, module))
-    family, blocks = found
-    if not 1 <= k <= len(blocks):
-        raise PromptError(f"k = {k}: the encoder has {len(blocks)} transformer blocks")
+    family, _ = top_blocks(backend, module, k, "k =")
     return BertTopK(module, k, pooling) if family == "bert" else OpenClipTopK(module, k)
 
 

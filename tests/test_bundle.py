@@ -20,7 +20,7 @@ from embcache.store import open_store
 from embcache.encoders import sha256_file
 from embcache.train import fit
 from embcache.tune import TuneConfig, tune
-from tiny_encoders import tiny_bert_dir, tiny_timm_checkpoint
+from tiny_encoders import tiny_extract_options, tiny_timm_checkpoint
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "data", "demo", "manifest.jsonl")
 
@@ -28,9 +28,7 @@ DEMO = os.path.join(os.path.dirname(__file__), "..", "data", "demo", "manifest.j
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bundle")
-    tiny = {"image_encoder": "timm:test_efficientnet",
-            "image_checkpoint": tiny_timm_checkpoint(str(tmp / "img.pth")),
-            "text_encoder": f"hf:{tiny_bert_dir(str(tmp / 'bert'))}"}
+    tiny = tiny_extract_options(tmp)
     tune(TuneConfig(dataset="manifest", root=DEMO, modality="text", out=str(tmp / "text-bitfit.safetensors"),
                     text_encoder=tiny["text_encoder"], epochs=1, workers=0), progress=False, log=lambda *_: None)
     extract(ExtractConfig(dataset="manifest", root=DEMO, out=str(tmp / "s.zarr"), workers=0, limit=80,

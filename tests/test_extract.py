@@ -12,17 +12,14 @@ from embcache import datasets as ds
 from embcache import store as st
 from embcache.cli.main import main as cli
 from embcache.extract import ExtractConfig, ExtractError, extract, load_encoders
-from tiny_encoders import tiny_bert_dir, tiny_timm_checkpoint
+from tiny_encoders import tiny_extract_options
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "data", "fixtures")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("enc")
-    return {"image_encoder": "timm:test_efficientnet",
-            "image_checkpoint": tiny_timm_checkpoint(str(folder / "img.pth")),
-            "text_encoder": f"hf:{tiny_bert_dir(str(folder / 'bert'))}"}
+    return tiny_extract_options(tmp_path_factory.mktemp("enc"))
 
 
 def run(tiny, dataset, root, out, **kw):

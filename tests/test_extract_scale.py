@@ -17,7 +17,7 @@ from PIL import Image
 
 from embcache import store as st
 from embcache.extract import ExtractConfig, ExtractError, extract
-from tiny_encoders import tiny_bert_dir, tiny_timm_checkpoint
+from tiny_encoders import tiny_extract_options
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "data", "demo", "manifest.jsonl")
 ARRAYS = ("ids", "split", "labels", "image/emb", "image/present", "image/reason", "text/emb", "text/present",
@@ -26,10 +26,7 @@ ARRAYS = ("ids", "split", "labels", "image/emb", "image/present", "image/reason"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("enc")
-    return {"image_encoder": "timm:test_efficientnet",
-            "image_checkpoint": tiny_timm_checkpoint(str(folder / "img.pth")),
-            "text_encoder": f"hf:{tiny_bert_dir(str(folder / 'bert'))}"}
+    return tiny_extract_options(tmp_path_factory.mktemp("enc"))
 
 
 def config(tiny, out, **kw):

@@ -47,3 +47,10 @@ def register_tiny_open_clip(folder: str) -> str:
         json.dump(config, fh)
     open_clip.add_model_config(folder)
     return TINY_CLIP
+
+
+def tiny_extract_options(folder) -> dict:
+    """ExtractConfig / TuneConfig encoder fields for a small random image and text encoder saved in `folder`."""
+    return {"image_encoder": "timm:test_efficientnet",
+            "image_checkpoint": tiny_timm_checkpoint(os.path.join(str(folder), "img.pth")),
+            "text_encoder": f"hf:{tiny_bert_dir(os.path.join(str(folder), 'bert'))}"}

@@ -124,7 +124,7 @@ def _load_json(path: str, what: str) -> Any:
     return _parse_json(_read_text(path), path)
 
 
-def _iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
     """Yield ``(line number, object)`` for each non-blank line of a JSON-lines file.
 
     Lines end at ``\n`` only (not ``str.splitlines``: raw U+2028 etc. may sit inside strings)."""
@@ -152,7 +152,7 @@ def _iter_csv(path: str) -> Iterator[tuple[int, list[str]]]:
         raise DatasetError(f"{path} line {reader.line_num}: invalid CSV ({e})") from None
 
 
-def _iter_csv_records(path: str, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+def iter_csv_records(path: str, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
     """CSV with a header row: yield ``(line number, {column: cell})``."""
     rows = _iter_csv(path)
     header_line, header = next(rows, (1, []))
@@ -203,14 +203,14 @@ def _image_field(base: str, value: Any) -> tuple[str | None, str | None]:
     return (path, None) if os.path.isfile(path) else (None, MISSING_FILE)
 
 
-def _split_field(value: Any, where: str) -> str:
+def split_field(value: Any, where: str) -> str:
     split = _SPLIT_ALIASES.get(str(value).strip().lower()) if value is not None else None
     if split is None:
         raise DatasetError(f"{where}: invalid split {value!r} (expected one of train, val, dev, test)")
     return split
 
 
-def _id_field(value: Any, where: str) -> str:
+def id_field(value: Any, where: str) -> str:
     sample_id = "" if value is None else str(value).strip()
     if not sample_id:
         raise DatasetError(f"{where}: missing id")
@@ -219,7 +219,7 @@ def _id_field(value: Any, where: str) -> str:
     return sample_id
 
 
-def _class_sort_key(name: str) -> tuple:
+def class_sort_key(name: str) -> tuple:
     """Sort integer-like class names numerically, before the others sorted as strings."""
     stripped = name.strip()
     if stripped.lstrip("-").isdigit():
@@ -227,7 +227,7 @@ def _class_sort_key(name: str) -> tuple:
     return (1, 0, name)
 
 
-def _label_names(value: Any) -> list[str]:
+def label_names(value: Any) -> list[str]:
     """A multilabel field: a list (JSON) or a ``|``-separated string (CSV); empty -> ``[]``."""
     if value is None:
         return []
@@ -235,7 +235,7 @@ def _label_names(value: Any) -> list[str]:
     return [str(item).strip() for item in items if str(item).strip()]
 
 
-class _Labels:
+class Labels:
     """Maps label names to class indices, counting names that are not classes."""
 
     def __init__(self, classes: list[str], problems: collections.Counter, *, ignore_unknown: bool = False):
@@ -286,7 +286,7 @@ class _Collector:
                        samples=self.samples, problems=self.problems)
 
 
-def _in_val(sample_id: str, seed: int, fraction: float) -> bool:
+def in_val_split(sample_id: str, seed: int, fraction: float) -> bool:
     """Stable validation draw: depends only on (seed, id), never on iteration order."""
     digest = hashlib.sha256(f"{seed}\0{sample_id}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
@@ -306,14 +306,14 @@ def _read_mmimdb(root: str) -> Dataset:
         raise DatasetError(f"{split_path}: expected an object with train/dev/test id lists")
     data_dir = os.path.join(root, "dataset")
     out = _Collector()
-    labels = _Labels(MMIMDB_GENRES, out.problems, ignore_unknown=True)
+    labels = Labels(MMIMDB_GENRES, out.problems, ignore_unknown=True)
     for key, split in (("train", "train"), ("dev", "val"), ("test", "test")):
         ids = split_lists.get(key, split_lists.get(split))
         if not isinstance(ids, list):
             raise DatasetError(f"{split_path}: missing or invalid {key!r} id list")
         for position, raw_id in enumerate(ids):
             origin = f"{split_path} {key}[{position}]"
-            sample_id = _id_field(raw_id, origin)
+            sample_id = id_field(raw_id, origin)
             meta_path = os.path.join(data_dir, f"{sample_id}.json")
             meta = _load_json(meta_path, f"metadata file for id {sample_id!r} ({origin})")
             if not isinstance(meta, dict):
@@ -388,10 +388,10 @@ def _read_food101(root: str, *, val_fraction: float = 0.1, seed: int = 0) -> Dat
     ids = _food101_ids([(d, c, f) for d, c, f, _ in rows])
 
     out = _Collector()
-    labels = _Labels(classes, out.problems)
+    labels = Labels(classes, out.problems)
     listed = set()
     for sample_id, (split_dir, cls, file_name, text), origin in zip(ids, rows, origins):
-        carve = split_dir == "train" and not given_val and _in_val(sample_id, seed, val_fraction)
+        carve = split_dir == "train" and not given_val and in_val_split(sample_id, seed, val_fraction)
         image = _image_field(os.path.join(images_dir, split_dir, cls), file_name)
         listed.add(image[0])
         out.add(id=sample_id, split="val" if carve else split_dir, origin=origin, image=image,
@@ -426,12 +426,12 @@ def _read_hateful_memes(root: str) -> Dataset:
     between ``*_seen`` / plain / ``*_unseen``); ``img`` is relative to ``root``; a missing
     ``label`` (unlabeled test files) gives ``-1``; labels other than 0/1 are ``unknown_label``."""
     out = _Collector()
-    labels = _Labels(["0", "1"], out.problems)
+    labels = Labels(["0", "1"], out.problems)
     for split in SPLITS:
         path = _first_existing(root, _HATEFUL_MEMES_FILES[split])
-        for lineno, record in _iter_jsonl(path):
+        for lineno, record in iter_jsonl(path):
             origin = f"{path} line {lineno}"
-            out.add(id=_id_field(record.get("id"), origin), split=split, origin=origin,
+            out.add(id=id_field(record.get("id"), origin), split=split, origin=origin,
                     image=_image_field(root, record.get("img")),
                     text=_text_field(record.get("text")),
                     label=labels.single(record.get("label")))
@@ -444,9 +444,9 @@ def _read_hateful_memes(root: str) -> Dataset:
 def _manifest_records(path: str) -> Iterator[tuple[int, dict]]:
     ext = os.path.splitext(path)[1].lower()
     if ext in (".jsonl", ".ndjson"):
-        return _iter_jsonl(path)
+        return iter_jsonl(path)
     if ext == ".csv":
-        return _iter_csv_records(path, required=("id",))
+        return iter_csv_records(path, required=("id",))
     raise DatasetError(f"{path}: unsupported manifest type {ext!r} (expected .jsonl or .csv)")
 
 
@@ -465,20 +465,20 @@ def _read_manifest(path: str, *, classes: list[str] | None = None, default_split
 
     def names_of(record: dict) -> list[str]:
         if multilabel:
-            return _label_names(record.get("labels"))
+            return label_names(record.get("labels"))
         value = record.get("label")
         return [] if value is None or str(value).strip() == "" else [str(value).strip()]
 
     if classes is None:
-        classes = sorted({name for _, record in records for name in names_of(record)}, key=_class_sort_key)
+        classes = sorted({name for _, record in records for name in names_of(record)}, key=class_sort_key)
     base = os.path.dirname(path)
     out = _Collector()
-    labels = _Labels(list(classes), out.problems)
+    labels = Labels(list(classes), out.problems)
     for lineno, record in records:
         origin = f"{path} line {lineno}"
         names = names_of(record)
-        out.add(id=_id_field(record.get("id"), origin),
-                split=_split_field(record.get("split") or default_split, origin), origin=origin,
+        out.add(id=id_field(record.get("id"), origin),
+                split=split_field(record.get("split") or default_split, origin), origin=origin,
                 image=_image_field(base, record.get("image")),
                 text=_text_field(record.get("text"), empty=MISSING_FIELD),
                 label=labels.multi(names) if multilabel else labels.single(names[0] if names else None))

@@ -228,9 +228,9 @@ def _read_table(path: str) -> list[dict]:
         return pq.read_table(path).to_pylist()
     try:
         if ext == ".csv":
-            return [record for _, record in ds._iter_csv_records(path, required=())]
+            return [record for _, record in ds.iter_csv_records(path, required=())]
         if ext in (".jsonl", ".ndjson"):
-            return [record for _, record in ds._iter_jsonl(path)]
+            return [record for _, record in ds.iter_jsonl(path)]
     except ds.DatasetError as exc:
         raise InterchangeError(str(exc)) from exc
     raise InterchangeError(f"{path}: unsupported metadata type {ext!r} (expected {', '.join(META_EXTENSIONS)})")
@@ -278,17 +278,17 @@ def read_metadata(paths: list[str], *, task: str | None = None, classes: list[st
     names = []
     for record, where in zip(records, origins):
         value = record.get(label_key)
-        row = [] if _blank(value) else ds._label_names(value) if label_key == "labels" else [str(value).strip()]
+        row = [] if _blank(value) else ds.label_names(value) if label_key == "labels" else [str(value).strip()]
         if task != "multilabel" and len(row) > 1:
             raise InterchangeError(f"{where}: {len(row)} labels {row} for a single-label task; use --task multilabel")
         names.append(row)
-    classes = list(classes) if classes else sorted({c for row in names for c in row}, key=ds._class_sort_key)
+    classes = list(classes) if classes else sorted({c for row in names for c in row}, key=ds.class_sort_key)
     task = task or ("binary" if len(classes) == 2 else "multiclass")
     if task == "binary" and len(classes) != 2:
         raise InterchangeError(f"{', '.join(paths)}: a binary task needs 2 classes, found {classes}")
 
     problems = collections.Counter()
-    lookup = ds._Labels(classes, problems)  # unknown names count as unknown_label, like the dataset readers
+    lookup = ds.Labels(classes, problems)  # unknown names count as unknown_label, like the dataset readers
     if task == "multilabel":
         labels = np.zeros((len(records), len(classes)), np.uint8)
         for i, row in enumerate(names):
@@ -299,14 +299,14 @@ def read_metadata(paths: list[str], *, task: str | None = None, classes: list[st
     ids, split, seen = [], [], {}
     for record, where in zip(records, origins):
         try:
-            sample_id = ds._id_field(record.get(id_key), where)
-            name = ds._split_field(record["split"], where) if "split" in columns else "train"
+            sample_id = ds.id_field(record.get(id_key), where)
+            name = ds.split_field(record["split"], where) if "split" in columns else "train"
         except ds.DatasetError as exc:
             raise InterchangeError(str(exc)) from exc
         if sample_id in seen:
             raise InterchangeError(f"duplicate id {sample_id!r} at {seen[sample_id]} and {where}")
         seen[sample_id] = where
-        if name == "train" and val_fraction > 0 and ds._in_val(sample_id, seed, val_fraction):
+        if name == "train" and val_fraction > 0 and ds.in_val_split(sample_id, seed, val_fraction):
             name = "val"
         ids.append(sample_id)
         split.append(st.SPLIT_CODES[name])

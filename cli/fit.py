@@ -8,7 +8,7 @@ import click
 
 from embcache.cli.common import user_errors
 from embcache.missing import MISSING_TYPES
-from embcache.models import IMPUTE_MODES, PREDICTORS, FitConfig, FitError
+from embcache.models import IMPUTE_MODES, PREDICTORS, SHUFFLES, FitConfig, FitError
 
 D = FitConfig()  # defaults shown in --help come from the config dataclass, the single source
 
@@ -74,6 +74,20 @@ RATE = click.FloatRange(0.0, 1.0)
 @click.option("--device", default=D.device, show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=D.compile, show_default=True,
               help="torch.compile the model (pays off only for long GPU runs).")
+@click.option("--allow-partial", is_flag=True, default=D.allow_partial,
+              help="Fit a store whose extraction did not finish, on the rows of its written chunks.")
+@click.option("--stream", is_flag=True, default=D.stream,
+              help="Read the embeddings chunk by chunk (read ahead in a background thread) instead of loading "
+                   "them; automatic above --memory-budget-gb. Implies --shuffle chunks.")
+@click.option("--memory-budget-gb", type=click.FloatRange(0), default=D.memory_budget_gb, show_default=True,
+              help="Stream when the embeddings would need more; 0 = half the available memory.")
+@click.option("--shuffle", type=click.Choice(SHUFFLES), default=D.shuffle, show_default=True,
+              help="Epoch order. global: a uniform permutation; chunks: permute the store's chunks, then the "
+                   "rows within windows of --shuffle-window chunks (the order streaming uses).")
+@click.option("--shuffle-window", type=click.IntRange(1), default=D.shuffle_window, show_default=True,
+              help="Chunks whose rows are mixed together (--shuffle chunks, streaming).")
+@click.option("--read-ahead", type=click.IntRange(1), default=D.read_ahead, show_default=True,
+              help="Windows of chunks read ahead by a background thread (streaming).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors(FitError)
@@ -83,7 +97,9 @@ def fit_command(store, out, seeds, compile_, overwrite, quiet, **options):
     from embcache.train import fit
 
     cfg = FitConfig(store=store, seed=seeds[0], compile=compile_, **options)
-    metrics = fit(cfg, out, seeds=seeds, overwrite=overwrite, progress=not quiet)
+    metrics = fit(cfg, out, seeds=seeds, overwrite=overwrite, progress=not quiet, log=click.echo)
+    if metrics is None:  # not rank 0 of a torchrun fit: rank 0 reports and writes
+        return
     click.echo(format_table(metrics))
     if cfg.predictor == "prompts":
         from pathlib import Path

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -15,8 +16,9 @@ from safetensors.torch import load_file
 
 from embcache.missing import MODALITIES, SCENARIOS, scenario_present
 from embcache.models import DIRECTIONS, FitConfig, FitError, FusionModel
-from embcache.store import (SPLIT_CODES, CachedFeatures, StoreError, encoder_fingerprint,
-                            fingerprint_diff, open_store)
+from embcache.store import (SPLIT_CODES, CachedFeatures, FeatureStore, StoreError, chunks_done,
+                            encoder_fingerprint, fingerprint_diff, open_store)
+from embcache.stream import ReadAhead, split_blocks
 
 METRICS_SCHEMA = "embcache.metrics/1"
 MAIN_METRIC = {"multilabel": "f1_macro", "multiclass": "accuracy", "binary": "auroc"}
@@ -27,19 +29,40 @@ MAIN_METRIC = {"multilabel": "f1_macro", "multiclass": "accuracy", "binary": "au
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class SplitData:
-    """One split in host memory: raw float32 embeddings and what the data has (before the protocol)."""
+    """One split: raw float32 embeddings in host memory (or, streamed, in `store`) and what the data has
+    (before the protocol)."""
 
     ids: np.ndarray
     emb: dict[str, np.ndarray]
     present: dict[str, np.ndarray]
     labels: np.ndarray
+    index: np.ndarray | None = None     # the store row of each row (ascending), when known
+    store: FeatureStore | None = None   # streamed: `emb` is empty, rows `index` of this store hold them
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def streamed(self) -> bool:
+        return self.store is not None
+
     def rows(self, mask: np.ndarray) -> "SplitData":
         return SplitData(self.ids[mask], {m: e[mask] for m, e in self.emb.items()},
-                         {m: p[mask] for m, p in self.present.items()}, self.labels[mask])
+                         {m: p[mask] for m, p in self.present.items()}, self.labels[mask],
+                         None if self.index is None else self.index[mask], self.store)
+
+    def blocks(self, read_ahead: int = 2):
+        """Yield (positions, {modality: float32 array}) block by block: one store chunk at a time, read ahead in
+        a background thread, for a streamed split; the whole split at once otherwise."""
+        if not self.streamed:
+            yield np.arange(len(self)), {m: self.emb[m] for m in MODALITIES}
+            return
+        start = 0
+        for block in ReadAhead(self.store, split_blocks(self.index, int(self.store.meta["chunk_rows"])),
+                               read_ahead):
+            n = len(block[MODALITIES[0]])
+            yield np.arange(start, start + n), block
+            start += n
 
 
 @dataclass
@@ -50,10 +73,19 @@ class Dataset:
     fingerprint: dict                   # encoders + task; a run refuses a store whose fingerprint differs
     sources: dict[str, str]             # split -> store url
     encoders: dict = field(default_factory=dict)  # modality -> the train store's encoder attrs
+    chunk_rows: int | None = None       # rows per chunk of the train store (None: not from a store)
+    partial: dict | None = None         # {url: {"rows": used, "of": all}} for partial stores (--allow-partial)
 
     @property
     def dims(self) -> dict[str, int]:
-        return {m: int(self.splits["train"].emb[m].shape[1]) for m in MODALITIES}
+        train = self.splits["train"]
+        if train.streamed:
+            return {m: int(self.encoders[m]["dim"]) for m in MODALITIES}
+        return {m: int(train.emb[m].shape[1]) for m in MODALITIES}
+
+    @property
+    def streamed(self) -> bool:
+        return self.splits["train"].streamed
 
     @property
     def n_outputs(self) -> int:
@@ -65,8 +97,12 @@ def _fingerprint(features: CachedFeatures) -> dict:
             "encoders": {m: encoder_fingerprint(features.encoders[m]) for m in MODALITIES}}
 
 
-def check_features(features: CachedFeatures, url: str) -> None:
-    """Raise FitError naming the first thing in a loaded cache that training cannot use."""
+def check_features(features: CachedFeatures, url: str, streamed: bool = False) -> None:
+    """Raise FitError naming the first thing in a loaded cache that training cannot use.
+
+    streamed: `emb` holds the store's Zarr arrays, not loaded; their values are checked (`check_finite`)
+    when `fit` first reads them, before training.
+    """
     missing = [m for m in MODALITIES if m not in features.emb]
     if missing:
         raise FitError(f"{url}: no {', '.join(missing)} group; fit needs both modalities {MODALITIES}")
@@ -80,13 +116,11 @@ def check_features(features: CachedFeatures, url: str) -> None:
     for m in MODALITIES:
         emb, present = features.emb[m], features.present[m]
         dim = features.encoders[m].get("dim")
-        if emb.ndim != 2 or emb.shape[0] != n or (dim is not None and emb.shape[1] != dim):
+        rows = emb.shape[0] if streamed else n
+        if emb.ndim != 2 or emb.shape[0] != rows or (dim is not None and emb.shape[1] != dim):
             raise FitError(f"{url}: {m}/emb has shape {emb.shape}, expected ({n}, {dim})")
-        bad = present & ~np.isfinite(emb).all(axis=1)
-        if bad.any():
-            first = features.ids[np.flatnonzero(bad)[0]]
-            raise FitError(f"{url}: {int(bad.sum())} rows of {m}/emb hold NaN or inf (first id {first!r}); "
-                           "re-extract them or mark them absent")
+        if not streamed:
+            check_finite(url, m, emb, present, features.ids)
     if not np.isin(features.split, list(SPLIT_CODES.values())).all():
         raise FitError(f"{url}: split holds values other than 0/1/2 (train/val/test)")
     labels, n_classes = features.labels, len(features.classes)
@@ -107,47 +141,138 @@ def check_features(features: CachedFeatures, url: str) -> None:
                            f"for id {features.ids[np.flatnonzero(out_of_range)[0]]!r}")
 
 
-def _split_data(features: CachedFeatures, mask: np.ndarray | None = None) -> SplitData:
-    whole = SplitData(features.ids, dict(features.emb),  # with hidden states, when loaded (prompts)
-                      {m: features.present[m] for m in MODALITIES}, features.labels)
+def check_finite(url: str, m: str, emb: np.ndarray, present: np.ndarray, ids: np.ndarray) -> None:
+    bad = present & ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        first = ids[np.flatnonzero(bad)[0]]
+        raise FitError(f"{url}: {int(bad.sum())} rows of {m}/emb hold NaN or inf (first id {first!r}); "
+                       "re-extract them or mark them absent")
+
+
+def _split_data(features: CachedFeatures, mask: np.ndarray | None = None, index: np.ndarray | None = None,
+                store: FeatureStore | None = None) -> SplitData:
+    """index: the store row of each row of `features` (None: 0..n-1); store: streamed (emb not loaded)."""
+    index = np.arange(len(features.ids)) if index is None else index
+    whole = SplitData(features.ids, {} if store is not None else dict(features.emb),  # + hidden states (prompts)
+                      {m: features.present[m] for m in MODALITIES}, features.labels, index, store)
     return whole if mask is None else whole.rows(mask)
 
 
 def dataset_from_features(features: CachedFeatures, url: str,
-                          extra: dict[str, tuple[CachedFeatures, str]] | None = None) -> Dataset:
-    """Split a checked cache into train/val/test; `extra` maps 'val'/'test' to a whole separate store."""
-    check_features(features, url)
+                          extra: dict[str, tuple[CachedFeatures, str]] | None = None, *,
+                          loaded: dict[str, "Loaded"] | None = None) -> Dataset:
+    """Split a checked cache into train/val/test; `extra` maps 'val'/'test' to a whole separate store.
+
+    loaded: url -> how `load_dataset` read it (store rows of a partial store, streaming).
+    """
+    loaded = loaded or {}
+    main = loaded.get(url, Loaded())
+    check_features(features, url, main.store is not None)
     fp = _fingerprint(features)
     splits, sources = {}, {}
     for name, code in SPLIT_CODES.items():
         if extra and name in extra:
             other, other_url = extra[name]
-            check_features(other, other_url)
+            how = loaded.get(other_url, Loaded())
+            check_features(other, other_url, how.store is not None)
             diffs = fingerprint_diff(fp, _fingerprint(other))
             if other.task_type != features.task_type or other.classes != features.classes:
                 diffs.append("task or classes differ")
             if diffs:
                 raise FitError(f"{other_url} ({name}) was not made like {url}: {'; '.join(diffs)}")
-            splits[name], sources[name] = _split_data(other), other_url
+            splits[name], sources[name] = _split_data(other, None, how.rows, how.store), other_url
         else:
-            splits[name], sources[name] = _split_data(features, features.split == code), url
+            splits[name], sources[name] = _split_data(features, features.split == code, main.rows, main.store), url
     if len(splits["train"]) == 0:
         raise FitError(f"{url}: no training rows (split == 0)")
-    return Dataset(features.task_type, list(features.classes), splits, fp, sources, dict(features.encoders))
+    chunk_rows = features.meta.get("chunk_rows")
+    partial = {u: how.partial for u, how in loaded.items() if how.partial} or None
+    return Dataset(features.task_type, list(features.classes), splits, fp, sources, dict(features.encoders),
+                   int(chunk_rows) if chunk_rows else None, partial)
 
 
-def _load(url: str, hidden: bool = False) -> CachedFeatures:
+@dataclass
+class Loaded:
+    """How a store was read: `rows` its rows used (None: all), `store` set when streamed, `partial` counts."""
+
+    rows: np.ndarray | None = None
+    store: FeatureStore | None = None
+    partial: dict | None = None
+
+
+def open_features(url: str, allow_partial: bool = False) -> tuple[FeatureStore, np.ndarray | None, dict | None]:
+    """(store, its rows to use or None for all, {"rows", "of", "chunks", "of_chunks"} when partial)."""
     try:
-        return open_store(url).load(hidden=hidden)
+        fs = open_store(url, require_complete=not allow_partial)
     except StoreError as exc:  # a wrong format version, an unfinished extraction, not a store
-        raise FitError(str(exc)) from exc
+        msg = str(exc)
+        if "did not finish" in msg:
+            msg += "; or pass --allow-partial to fit on the rows of its written chunks"
+        raise FitError(msg) from exc
+    if fs.meta.get("complete"):
+        return fs, None, None
+    done = fs.completed_rows()
+    rows = np.flatnonzero(done)
+    chunks = chunks_done(fs.root)
+    info = {"rows": int(len(rows)), "of": fs.n_rows, "chunks": int(chunks.sum()), "of_chunks": int(len(chunks))}
+    if len(rows) == 0:
+        raise FitError(f"{url}: partial store with no written chunk yet; nothing to fit on")
+    return fs, rows, info
+
+
+def _subset(features: CachedFeatures, rows: np.ndarray, streamed: bool) -> CachedFeatures:
+    return CachedFeatures(
+        ids=features.ids[rows], split=features.split[rows], labels=features.labels[rows],
+        task_type=features.task_type, classes=features.classes,
+        emb=features.emb if streamed else {m: e[rows] for m, e in features.emb.items()},
+        present={m: p[rows] for m, p in features.present.items()}, encoders=features.encoders, meta=features.meta)
+
+
+def _load(url: str, hidden: bool = False, allow_partial: bool = False, stream: bool = False,
+          log: Callable[[str], None] | None = None) -> tuple[CachedFeatures, Loaded]:
+    fs, rows, partial = open_features(url, allow_partial)
+    if stream:  # the per-row metadata only; emb are the Zarr arrays, read chunk by chunk later
+        mods = fs.modalities
+        features = CachedFeatures(ids=fs.ids(), split=fs.split(), labels=fs.labels(), task_type=fs.task_type,
+                                  classes=fs.classes, emb={m: fs.root[m]["emb"] for m in mods},
+                                  present={m: fs.present(m) for m in mods},
+                                  encoders={m: fs.encoder(m) for m in mods}, meta=fs.meta)
+    else:
+        features = fs.load(hidden=hidden)
+    if rows is not None:
+        features = _subset(features, rows, stream)
+        if log:
+            log(f"{url}: partial store (--allow-partial): using the {partial['rows']} rows of its "
+                f"{partial['chunks']} written chunks, of {partial['of']} rows in {partial['of_chunks']} chunks")
+    return features, Loaded(rows, fs if stream else None, partial)
 
 
 def load_dataset(store: str, val_store: str | None = None, test_store: str | None = None,
-                 hidden: bool = False) -> Dataset:
-    """Open, read and check the store(s); hidden: also the cached hidden states (`--predictor prompts`)."""
-    extra = {name: (_load(url, hidden), url) for name, url in (("val", val_store), ("test", test_store)) if url}
-    return dataset_from_features(_load(store, hidden), store, extra)
+                 hidden: bool = False, *, allow_partial: bool = False, stream: bool = False,
+                 log: Callable[[str], None] | None = None) -> Dataset:
+    """Open, read and check the store(s); hidden: also the cached hidden states (`--predictor prompts`).
+
+    allow_partial: accept unfinished stores, using only the rows of their written chunks.
+    stream: load only the per-row metadata; the embeddings are read chunk by chunk when used.
+    """
+    loaded, extra = {}, {}
+    for name, url in (("val", val_store), ("test", test_store)):
+        if url:
+            other, loaded[url] = _load(url, hidden, allow_partial, stream, log)
+            extra[name] = (other, url)
+    features, loaded[store] = _load(store, hidden, allow_partial, stream, log)
+    return dataset_from_features(features, store, extra, loaded=loaded)
+
+
+def dataset_bytes(store: str, val_store: str | None = None, test_store: str | None = None,
+                  allow_partial: bool = False) -> int:
+    """Bytes of float32 embeddings `load_dataset` would hold in memory (all rows used of every store)."""
+    total = 0
+    for url in dict.fromkeys(u for u in (store, val_store, test_store) if u):
+        fs, rows, _ = open_features(url, allow_partial)
+        n = fs.n_rows if rows is None else len(rows)
+        total += 4 * n * sum(int(fs.encoder(m)["dim"]) for m in fs.modalities)
+    return total
 
 
 def labeled(task_type: str, labels: np.ndarray) -> np.ndarray:
@@ -191,6 +316,23 @@ def predict_logits(model: FusionModel, x: dict[str, torch.Tensor], has: dict[str
     model.train(was_training)
     if not out:  # an empty split
         return torch.zeros(0, model.classifier[-1].out_features, device=model.mean_image.device)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def predict_split(model: FusionModel, split: SplitData, tensors: SplitTensors, has: dict[str, torch.Tensor],
+                  read_ahead: int = 2) -> torch.Tensor:
+    """predict_logits on a split, chunk by chunk from its store when it is streamed."""
+    if not split.streamed:
+        return predict_logits(model, tensors.x, has)
+    device = tensors.y.device
+    out = []
+    for pos, block in split.blocks(read_ahead):
+        idx = torch.as_tensor(pos, device=device)
+        x = {m: torch.from_numpy(block[m]).to(device) for m in MODALITIES}
+        out.append(predict_logits(model, x, {m: has[m][idx] for m in MODALITIES}))
+    if not out:
+        return torch.zeros(0, model.classifier[-1].out_features, device=device)
     return torch.cat(out)
 
 
@@ -289,6 +431,54 @@ def predictor_quality(model: FusionModel, split: SplitData, tensors: SplitTensor
     return quality
 
 
+@torch.no_grad()
+def streamed_scenarios(model: FusionModel, split: SplitData, tensors: SplitTensors, task_type: str, rate: float,
+                       seed: int, quality: bool, read_ahead: int = 2) -> tuple[dict, dict | None]:
+    """evaluate_scenarios (and predictor_quality when `quality`) of a streamed split, in one pass over its
+    chunks. r2 pools sums accumulated in float64 (sum of squares about the mean = sum y^2 - (sum y)^2 / n)."""
+    device = tensors.y.device
+    masks = {sc: masks_to(scenario_present(split.ids, split.present, sc, rate, seed), device) for sc in SCENARIOS}
+    logits: dict[str, list] = {sc: [] for sc in SCENARIOS}
+    both = split.present["image"] & split.present["text"]
+    acc = {name: {"n": 0, "cosine": 0.0, "residual": 0.0, "sum": 0.0, "sum2": 0.0} for name in DIRECTIONS}
+    model.eval()
+    for pos, block in split.blocks(read_ahead):
+        idx = torch.as_tensor(pos, device=device)
+        x = {m: torch.from_numpy(block[m]).to(device) for m in MODALITIES}
+        for sc in SCENARIOS:
+            logits[sc].append(predict_logits(model, x, {m: masks[sc][m][idx] for m in MODALITIES}))
+        rows = torch.as_tensor(np.flatnonzero(both[pos]), device=device)
+        if not quality or len(rows) == 0:
+            continue
+        xb = {m: t[rows] for m, t in x.items()}
+        ones = {m: torch.ones(len(rows), dtype=torch.bool, device=device) for m in MODALITIES}
+        out = model(xb, ones)
+        for name, (src, dst) in DIRECTIONS.items():
+            pred = model.fill(dst, out.pred.get(name), ones[src]).expand_as(out.z[dst])
+            raw = torch.zeros_like(xb[dst]) if model.impute == "zero" else model.unstandardize(dst, pred)
+            a, z = acc[name], out.z[dst].double()
+            a["n"] += len(rows)
+            a["cosine"] += torch.nn.functional.cosine_similarity(raw, xb[dst], dim=1).double().sum().item()
+            a["residual"] += ((z - pred.double()) ** 2).sum().item()
+            a["sum"] = a["sum"] + z.sum(0)
+            a["sum2"] = a["sum2"] + (z ** 2).sum(0)
+    results = {}
+    for sc in SCENARIOS:
+        cat = torch.cat(logits[sc]) if logits[sc] else torch.zeros(0, model.classifier[-1].out_features,
+                                                                   device=device)
+        results[sc] = task_metrics(task_type, cat, tensors.y)
+    if not quality:
+        return results, None
+    q = {}
+    for name, a in acc.items():
+        if a["n"] == 0:
+            q[name] = {"cosine": None, "r2": None}
+            continue
+        total = (a["sum2"] - a["sum"] ** 2 / a["n"]).sum().item()
+        q[name] = {"cosine": a["cosine"] / a["n"], "r2": 1 - a["residual"] / max(total, 1e-12)}
+    return results, q
+
+
 # ------------------------------------------------------------------------------------------------
 # Finished runs
 # ------------------------------------------------------------------------------------------------
@@ -328,7 +518,9 @@ def evaluate_run(run_dir: str | Path, *, store: str | None = None, rate: float |
     for path in seed_dirs(run_dir):
         cfg, resolved, model = load_run(path, device)
         sources = (store or cfg.store, cfg.val_store, cfg.test_store)
-        data = loaded[sources] = loaded.get(sources) or load_dataset(*sources, hidden=cfg.predictor == "prompts")
+        data = loaded[sources] = loaded.get(sources) or load_dataset(
+            *sources, hidden=cfg.predictor == "prompts", allow_partial=cfg.allow_partial,
+            stream=bool((resolved.get("data") or {}).get("streaming")))
         if data.fingerprint != resolved["fingerprint"]:
             raise FitError(f"{store or cfg.store}: not the features {path} was trained on (fingerprint differs)")
         results.append(scenario_metrics(model, data, cfg, resolved, rate=rate))
@@ -350,6 +542,12 @@ def scenario_metrics(model: FusionModel, data: Dataset, cfg: FitConfig, resolved
     for name in ("val", "test"):
         split = data.splits[name]
         tensors = SplitTensors.of(split, data.task_type, device)
+        if split.streamed:  # one pass over the split's chunks
+            metrics[name], quality = streamed_scenarios(model, split, tensors, data.task_type, rate,
+                                                        cfg.missing_seed, name == "test", cfg.read_ahead)
+            if name == "test":
+                metrics["predictor"] = quality
+            continue
         metrics[name] = evaluate_scenarios(model, split, tensors, data.task_type, rate, cfg.missing_seed)
         if name == "test":
             metrics["predictor"] = predictor_quality(model, split, tensors)

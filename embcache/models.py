@@ -18,6 +18,7 @@ from embcache.missing import MISSING_TYPES, MODALITIES
 
 IMPUTE_MODES = ("predict", "zero", "mean")
 PREDICTORS = ("mlp", "prompts")
+SHUFFLES = ("global", "chunks")
 # direction name -> (source modality, target modality)
 DIRECTIONS = {"image_to_text": ("image", "text"), "text_to_image": ("text", "image")}
 
@@ -69,6 +70,14 @@ class FitConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool = False               # torch.compile the model; pays off only for long GPU runs
+    # scale (README "Scaling out"): partial stores, caches larger than memory, several processes
+    allow_partial: bool = False         # fit an unfinished store on the rows of its written chunks
+    stream: bool = False                # read the embeddings chunk by chunk instead of loading them
+    memory_budget_gb: float = 0.0       # stream automatically above this; 0 = half the available memory
+    shuffle: str = "global"             # global: uniform permutation; chunks: chunk order, then rows within
+                                        # windows of shuffle_window chunks (the order streaming uses)
+    shuffle_window: int = 4
+    read_ahead: int = 2                 # windows of chunks a background thread reads ahead (streaming)
 
     def __post_init__(self) -> None:
         if self.impute not in IMPUTE_MODES:
@@ -81,7 +90,12 @@ class FitConfig:
                 raise FitError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.predictor not in PREDICTORS:
             raise FitError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
-        for name in ("epochs", "batch_size", "predictor_depth", "classifier_depth", "prompts"):
+        if self.shuffle not in SHUFFLES:
+            raise FitError(f"shuffle must be one of {SHUFFLES}, got {self.shuffle!r}")
+        if self.memory_budget_gb < 0:
+            raise FitError(f"memory_budget_gb must be >= 0, got {self.memory_budget_gb}")
+        for name in ("epochs", "batch_size", "predictor_depth", "classifier_depth", "prompts", "shuffle_window",
+                     "read_ahead"):
             if getattr(self, name) < 1:
                 raise FitError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -3,21 +3,28 @@
 Read top to bottom: `prepare` (protocol, normalisation, tensors on the device), the loss of one batch,
 the training loop (`train`), and `fit`, which runs the seeds and writes the run folder atomically.
 
-Speed: cached features fit in memory, so the whole training split lives on the device and batches are
-index gathers (no DataLoader). Each batch puts its rows with both modalities first, in a count fixed on
+Speed: cached features usually fit in memory, so the whole training split lives on the device and batches
+are index gathers (no DataLoader). Each batch puts its rows with both modalities first, in a count fixed on
 the host, so VICReg sees a static slice and the step has no host sync; the losses are summed on the
 device and read once per epoch.
+
+Scale (README "Scaling out"): a store larger than `--memory-budget-gb` (or `--stream`) is streamed chunk by
+chunk (embcache/stream.py) in the chunked epoch order, which `--shuffle chunks` also gives the in-memory
+path, so both train on the same batches; under torchrun (WORLD_SIZE > 1) the model is wrapped in
+DistributedDataParallel and each process takes a contiguous share of every epoch's batches.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +34,51 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from embcache import plots
-from embcache.evaluate import (MAIN_METRIC, Dataset, SplitTensors, load_dataset, masks_to,
-                               predict_logits, resolve_device, scenario_metrics, summarize, task_metrics)
+from embcache.evaluate import (MAIN_METRIC, Dataset, SplitData, SplitTensors, check_finite, dataset_bytes,
+                               load_dataset, masks_to, predict_split, resolve_device, scenario_metrics,
+                               summarize, task_metrics)
 from embcache.missing import MODALITIES, apply_missing, scenario_of, scenario_present
 from embcache.models import FitConfig, FitError, FusionModel
 from embcache.prompts import attach_prompt_predictors, resolve_predictors
+from embcache.stream import Moments, StreamedBatches, chunk_groups, chunked_order, memory_budget_bytes
 
 MIN_PAIRED_PER_BATCH = 16   # VICReg's variance and covariance need a few rows per batch
 MIN_STEPS_PER_EPOCH = 8     # small train sets get smaller batches rather than 1-2 steps per epoch
 MIN_BATCH = 32
+VIRTUAL_CHUNK_ROWS = 1024   # --shuffle chunks on features that do not come from a store: chunks of this size
+
+
+@dataclass
+class Ranks:
+    """This process's place in a fit run by several processes (torchrun sets RANK / WORLD_SIZE)."""
+
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False            # this fit initialised the process group (and destroys it)
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> "Ranks":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        owns = False
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            owns = True
+        return cls(torch.distributed.get_rank(), torch.distributed.get_world_size(), owns)
+
+    def steps(self, steps: int) -> range:
+        """The steps of an epoch's schedule this process runs: a contiguous 1/world share."""
+        share = steps // self.world
+        return range(self.rank * share, (self.rank + 1) * share)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            torch.distributed.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,10 +98,21 @@ class Prepared:
     mean: dict[str, torch.Tensor]       # normalisation: train rows that have the modality
     std: dict[str, torch.Tensor]
     resolved: dict                      # derived settings, saved in config.json
+    val_split: SplitData | None = None  # the val rows (read chunk by chunk when streamed)
+    train_split: SplitData | None = None  # the training rows (`train`'s), for streaming
+    order: str = "global"               # epoch order: global permutation, or chunks (embcache/stream.py)
+    chunk_of: np.ndarray | None = None  # per training row, its store chunk (order "chunks")
+    paired_mask: np.ndarray | None = None  # per training row, has both modalities (host)
+    ranks: Ranks = field(default_factory=Ranks)
 
 
-def prepare(data: Dataset, cfg: FitConfig, device: torch.device) -> Prepared:
-    """Apply the training protocol, check the data can train this config, move everything to the device."""
+def prepare(data: Dataset, cfg: FitConfig, device: torch.device, ranks: Ranks | None = None) -> Prepared:
+    """Apply the training protocol, check the data can train this config, move everything to the device
+    (a streamed dataset: everything but the embeddings, which are scanned once here for their statistics)."""
+    ranks = ranks or Ranks()
+    if data.streamed and cfg.predictor == "prompts":
+        raise FitError("streaming (--stream, or a store above --memory-budget-gb) does not support "
+                       "--predictor prompts yet; raise --memory-budget-gb or use --predictor mlp")
     split = data.splits["train"]
     has = apply_missing(split.ids, split.present, cfg.train_missing_rate, cfg.train_missing_type,
                         cfg.missing_seed)
@@ -84,12 +138,29 @@ def prepare(data: Dataset, cfg: FitConfig, device: torch.device) -> Prepared:
     steps = math.ceil(n_rows / batch)
     if cfg.impute == "predict":
         steps = max(1, min(steps, n_paired // MIN_PAIRED_PER_BATCH))
+    if ranks.world > 1:  # every process runs the same number of steps: a multiple of the world size
+        steps = max(ranks.world, steps // ranks.world * ranks.world)
 
     def bounds(n: int) -> list[int]:  # split n rows into `steps` near-equal, contiguous parts
         return np.linspace(0, n, steps + 1).round().astype(int).tolist()
 
-    mean = {m: torch.as_tensor(split.emb[m][has[m]].mean(0), device=device) for m in MODALITIES}
-    std = {m: scale_of(split.emb[m][has[m]], device) for m in MODALITIES}
+    order = "chunks" if data.streamed or cfg.shuffle == "chunks" else "global"
+    chunk_rows = data.chunk_rows or VIRTUAL_CHUNK_ROWS
+    chunk_of = None if split.index is None else split.index // chunk_rows
+    if order == "chunks" and chunk_of is None:
+        chunk_of = np.arange(n_rows) // chunk_rows
+    if data.streamed:  # one read of the store: checks the values, and the normalisation statistics
+        mean, std = scan_streamed(data, split, has, device, cfg.read_ahead)
+    elif order == "chunks":  # the same float64 chunk-by-chunk statistics as streaming, on the loaded rows
+        moments = {m: Moments(data.dims[m]) for m in MODALITIES}
+        _, starts = chunk_groups(chunk_of, 1)
+        for a, b in zip(starts[:-1], starts[1:]):
+            for m in MODALITIES:
+                moments[m].add(split.emb[m][a:b][has[m][a:b]])
+        mean, std = _mean_std(moments, device)
+    else:
+        mean = {m: torch.as_tensor(split.emb[m][has[m]].mean(0), device=device) for m in MODALITIES}
+        std = {m: scale_of(split.emb[m][has[m]], device) for m in MODALITIES}
     val = data.splits["val"]
     scenario = scenario_of(cfg.test_missing_type, cfg.test_missing_rate)
     val_has = scenario_present(val.ids, val.present, scenario, cfg.test_missing_rate, cfg.missing_seed)
@@ -100,6 +171,9 @@ def prepare(data: Dataset, cfg: FitConfig, device: torch.device) -> Prepared:
         "rows": {"train": n_rows, "train_paired": n_paired, "train_without_modality": int((~usable).sum()),
                  "val": len(val), "test": len(data.splits["test"])},
         **resolve_predictors(data, cfg),  # --predictor prompts: which direction uses which
+        "data": {"streaming": data.streamed, "shuffle": order, "processes": ranks.world,
+                 "chunk_rows": data.chunk_rows, "partial": data.partial,
+                 **({"shuffle_window": cfg.shuffle_window} if order == "chunks" else {})},
     }
     return Prepared(
         device=device, train=SplitTensors.of(split, data.task_type, device), has=masks_to(has, device),
@@ -107,7 +181,43 @@ def prepare(data: Dataset, cfg: FitConfig, device: torch.device) -> Prepared:
         unpaired=torch.as_tensor(np.flatnonzero(~paired), device=device),
         paired_bounds=bounds(n_paired), unpaired_bounds=bounds(n_rows - n_paired),
         val=SplitTensors.of(val, data.task_type, device), val_has=masks_to(val_has, device),
-        mean=mean, std=std, resolved=resolved)
+        mean=mean, std=std, resolved=resolved, val_split=val, train_split=split, order=order,
+        chunk_of=chunk_of if order == "chunks" else None, paired_mask=paired, ranks=ranks)
+
+
+def _mean_std(moments: dict[str, Moments], device: torch.device) -> tuple[dict, dict]:
+    mean, std = {}, {}
+    for m, mom in moments.items():
+        mu, sd = mom.mean_std()
+        mean[m], std[m] = torch.as_tensor(mu, device=device), floor_scale(torch.as_tensor(sd, device=device))
+    return mean, std
+
+
+def scan_streamed(data: Dataset, train: SplitData, has: dict[str, np.ndarray], device: torch.device,
+                  read_ahead: int) -> tuple[dict, dict]:
+    """Read every streamed split once, chunk by chunk: refuse NaN / inf in present rows (as loading does), and
+    accumulate the training rows' normalisation statistics. Splits of one store share one read."""
+    moments = {m: Moments(data.dims[m]) for m in MODALITIES}
+    groups: dict[int, list[tuple[str, SplitData]]] = {}
+    for name, sp in [("train", train)] + [(n, data.splits[n]) for n in ("val", "test")]:
+        if sp.streamed and len(sp):
+            groups.setdefault(id(sp.store), []).append((name, sp))
+    for members in groups.values():
+        union = SplitData(np.zeros(0), {}, {}, np.zeros(0), np.unique(np.concatenate([sp.index for _, sp in members])),
+                          members[0][1].store)
+        for pos, block in union.blocks(read_ahead):
+            rows = union.index[pos]
+            for name, sp in members:
+                lo, hi = np.searchsorted(sp.index, [rows[0], rows[-1] + 1])
+                if lo == hi:
+                    continue
+                where = np.searchsorted(rows, sp.index[lo:hi])  # this split's rows inside the block
+                for m in MODALITIES:
+                    emb = block[m][where]
+                    check_finite(data.sources[name], m, emb, sp.present[m][lo:hi], sp.ids[lo:hi])
+                    if name == "train":
+                        moments[m].add(emb[has[m][lo:hi]])
+    return _mean_std(moments, device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,7 +229,10 @@ def scale_of(emb: np.ndarray, device: torch.device) -> torch.Tensor:
     Dead ReLU units and float16 rounding leave dimensions whose train std is ~0; dividing by it would blow
     the tiny differences of other rows up to huge standardised values (and ruin MSE, R2 and the classifier).
     """
-    std = torch.as_tensor(emb.std(0), device=device)
+    return floor_scale(torch.as_tensor(emb.std(0), device=device))
+
+
+def floor_scale(std: torch.Tensor) -> torch.Tensor:
     floor = 1e-3 * std.median() if len(std) else 0.0
     return torch.where(std > floor, std, torch.ones_like(std))
 
@@ -134,12 +247,16 @@ def task_loss(task_type: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Te
 
 
 def batch_loss(net, model: FusionModel, prep: Prepared, idx: torch.Tensor, n_paired: int,
-               cfg: FitConfig, task_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+               cfg: FitConfig, task_type: str, x: dict[str, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, detached [loss, task, vicreg]); rows idx[:n_paired] have both modalities.
 
-    `net` is the model or its torch.compile'd version.
+    `net` is the model, its torch.compile'd or its DistributedDataParallel version. x: the batch's
+    embeddings when they do not live in prep.train (streaming); labels and masks always do.
     """
-    out = net({m: x[idx] for m, x in prep.train.x.items()}, {m: prep.has[m][idx] for m in MODALITIES})
+    if x is None:
+        x = {m: t[idx] for m, t in prep.train.x.items()}
+    out = net(x, {m: prep.has[m][idx] for m in MODALITIES})
     task = task_loss(task_type, out.logits, prep.train.y[idx])
     if cfg.impute == "predict":
         vicreg = model.vicreg(out, n_paired)
@@ -156,11 +273,18 @@ def make_model(data: Dataset, prep: Prepared, cfg: FitConfig):
     model.set_normalization(prep.mean, prep.std)
     if prep.resolved.get("predictors"):
         attach_prompt_predictors(model, prep.resolved["prompt_encoders"], cfg, data)
-    net = torch.compile(model) if cfg.compile else model
+    net = model
+    if prep.ranks.world > 1:  # gradients averaged over the processes; every process computes the same stats
+        ddp = torch.nn.parallel.DistributedDataParallel
+        # the normalisation buffers are equal on every process: no per-step buffer broadcast
+        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                else {"broadcast_buffers": False})
+        net = ddp(model, device_ids=[prep.device.index] if prep.device.type == "cuda" else None, **sync)
+    net = torch.compile(net) if cfg.compile else net
     # fused AdamW: one kernel per step instead of several per parameter (launch-bound on a GPU)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=prep.device.type == "cuda")
-    total = cfg.epochs * prep.resolved["steps_per_epoch"]
+    total = cfg.epochs * len(prep.ranks.steps(prep.resolved["steps_per_epoch"]))  # this process's steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     return model, net, optimizer, schedule
 
@@ -177,32 +301,65 @@ class TrainResult:
     seconds: float
 
 
+def epoch_batches(prep: Prepared, cfg: FitConfig, generators: dict):
+    """Yield (idx, n_paired, x) for this process's steps of one epoch: idx the batch's training rows (both-
+    modality rows first, n_paired of them), x its embeddings when streamed (else None: gathered from prep)."""
+    pb, ub = prep.paired_bounds, prep.unpaired_bounds
+    mine = prep.ranks.steps(prep.resolved["steps_per_epoch"])
+    if prep.order == "global":  # a uniform permutation on the device: no host work, no sync
+        generator = generators.setdefault("device", torch.Generator(device=prep.device).manual_seed(cfg.seed))
+        paired = prep.paired[torch.randperm(len(prep.paired), device=prep.device, generator=generator)]
+        unpaired = prep.unpaired[torch.randperm(len(prep.unpaired), device=prep.device, generator=generator)]
+        for s in mine:
+            yield torch.cat([paired[pb[s]:pb[s + 1]], unpaired[ub[s]:ub[s + 1]]]), pb[s + 1] - pb[s], None
+        return
+    # chunks: the order of embcache/stream.py, drawn on the host (the same for the in-memory and streamed data)
+    generator = generators.setdefault("host", torch.Generator().manual_seed(cfg.seed))
+    order = chunked_order(prep.chunk_of, prep.paired_mask, cfg.shuffle_window, generator)
+    rows = [np.concatenate([order.paired[pb[s]:pb[s + 1]], order.unpaired[ub[s]:ub[s + 1]]]) for s in mine]
+    xs = iter(StreamedBatches(prep.train_split.store, prep.train_split.index, order, rows, prep.device,
+                              cfg.read_ahead)) if prep.train_split.streamed else None
+    try:
+        for s, r in zip(mine, rows):
+            x = next(xs) if xs is not None else None
+            yield torch.as_tensor(r, device=prep.device), pb[s + 1] - pb[s], x
+    finally:
+        if xs is not None:
+            xs.close()
+
+
 def train(data: Dataset, prep: Prepared, cfg: FitConfig, progress: bool = True) -> TrainResult:
-    """Train one seed; keep the epoch with the best val main metric (the last one if val has no labels)."""
+    """Train one seed; keep the epoch with the best val main metric (the last one if val has no labels).
+
+    Several processes: each runs its share of the steps (gradients averaged by DDP); only rank 0 scores
+    val and keeps the best epoch, and the epoch losses are averaged over all processes.
+    """
     model, net, optimizer, schedule = make_model(data, prep, cfg)
     main = MAIN_METRIC[data.task_type]
-    generator = torch.Generator(device=prep.device).manual_seed(cfg.seed)
-    pb, ub = prep.paired_bounds, prep.unpaired_bounds
+    generators: dict = {}
     steps = prep.resolved["steps_per_epoch"]
+    lead = prep.ranks.rank == 0
     curves, best_epoch, best_value, best_state = [], 0, None, None
     start = time.perf_counter()
-    bar = tqdm(range(1, cfg.epochs + 1), desc=f"fit seed {cfg.seed}", unit="epoch", disable=not progress)
+    bar = tqdm(range(1, cfg.epochs + 1), desc=f"fit seed {cfg.seed}", unit="epoch", disable=not progress or not lead)
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()
-        paired = prep.paired[torch.randperm(len(prep.paired), device=prep.device, generator=generator)]
-        unpaired = prep.unpaired[torch.randperm(len(prep.unpaired), device=prep.device, generator=generator)]
         sums = torch.zeros(3, device=prep.device)
-        for s in range(steps):
-            idx = torch.cat([paired[pb[s]:pb[s + 1]], unpaired[ub[s]:ub[s + 1]]])
-            loss, parts = batch_loss(net, model, prep, idx, pb[s + 1] - pb[s], cfg, data.task_type)
+        for idx, n_paired, x in epoch_batches(prep, cfg, generators):
+            loss, parts = batch_loss(net, model, prep, idx, n_paired, cfg, data.task_type, x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             sums += parts
+        if prep.ranks.world > 1:
+            torch.distributed.all_reduce(sums)
         mean_loss, mean_task, mean_vicreg = (sums / steps).tolist()  # the epoch's one host sync
-        value = task_metrics(data.task_type, predict_logits(model, prep.val.x, prep.val_has), prep.val.y)[main]
+        if not lead:
+            continue
+        logits = predict_split(model, prep.val_split, prep.val, prep.val_has, cfg.read_ahead)
+        value = task_metrics(data.task_type, logits, prep.val.y)[main]
         if value is None or best_value is None or value > best_value:
             best_epoch, best_value = epoch, value
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -210,7 +367,8 @@ def train(data: Dataset, prep: Prepared, cfg: FitConfig, progress: bool = True) 
                        f"val_{main}": value, "lr": schedule.get_last_lr()[0],
                        "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{mean_loss:.4f}", **{f"val_{main}": "n/a" if value is None else f"{value:.4f}"})
-    model.load_state_dict(best_state)
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return TrainResult(model, curves, best_epoch, best_value, time.perf_counter() - start)
 
 
@@ -218,12 +376,15 @@ def train(data: Dataset, prep: Prepared, cfg: FitConfig, progress: bool = True) 
 # fit: seeds, outputs
 # ------------------------------------------------------------------------------------------------
 def fit(cfg: FitConfig, out: str | Path, *, seeds: list[int] | None = None, overwrite: bool = False,
-        progress: bool = True) -> dict:
+        progress: bool = True, log=None) -> dict | None:
     """Train one run per seed and write RUN_DIR (docs/metrics-format.md); returns its metrics.json.
 
     One seed: RUN_DIR holds the run. Several: RUN_DIR/seed-<s>/ each, and RUN_DIR/metrics.json holds
     the mean and std over seeds. Everything is checked before anything is written, and written to a
     temporary folder renamed to RUN_DIR at the end, so a failed or interrupted fit leaves nothing behind.
+
+    Under torchrun (WORLD_SIZE > 1) every process trains its share; rank 0 alone writes RUN_DIR and returns
+    the metrics, the others return None. log: where notes go (partial store, streaming); default stderr.
     """
     seeds = list(seeds) if seeds else [cfg.seed]
     # Record local stores as absolute paths so `embcache eval RUN` works from any folder.
@@ -232,8 +393,54 @@ def fit(cfg: FitConfig, out: str | Path, *, seeds: list[int] | None = None, over
     out = Path(out)
     if out.exists() and not overwrite:
         raise FitError(f"{out} already exists; pass --overwrite to replace it")
-    data = load_dataset(cfg.store, cfg.val_store, cfg.test_store, hidden=cfg.predictor == "prompts")
-    prep = prepare(data, cfg, resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    ranks = Ranks.from_env(device)
+    try:
+        if ranks.world > 1 and device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", ranks.rank)) % torch.cuda.device_count())
+        return _fit(cfg, out, seeds, progress, device, ranks, log)
+    finally:
+        ranks.close()
+
+
+def should_stream(cfg: FitConfig, device: torch.device, log) -> bool:
+    """--stream, or (MLP predictors) embeddings above the memory budget."""
+    if cfg.stream:
+        return True
+    if cfg.predictor == "prompts":  # hidden states are not streamed: load, or fail, as before
+        return False
+    need = dataset_bytes(cfg.store, cfg.val_store, cfg.test_store, cfg.allow_partial)
+    budget = memory_budget_bytes(cfg.memory_budget_gb, device)
+    if need > budget:
+        log(f"the embeddings need {need / 2**30:.2f} GiB, over the memory budget of {budget / 2**30:.2f} GiB "
+            "(--memory-budget-gb): streaming them chunk by chunk")
+        return True
+    return False
+
+
+def _fit(cfg: FitConfig, out: Path, seeds: list[int], progress: bool, device: torch.device, ranks: Ranks,
+         log) -> dict | None:
+    lead = ranks.rank == 0
+    say = (log or (lambda msg: print(msg, file=sys.stderr))) if lead else (lambda msg: None)
+    stream = should_stream(cfg, device, say)
+    data = load_dataset(cfg.store, cfg.val_store, cfg.test_store, hidden=cfg.predictor == "prompts",
+                        allow_partial=cfg.allow_partial, stream=stream, log=say)
+    prep = prepare(data, cfg, device, ranks)
+    if ranks.world > 1:
+        say(f"fit on {ranks.world} processes: {prep.resolved['steps_per_epoch'] // ranks.world} of the "
+            f"{prep.resolved['steps_per_epoch']} batches of each epoch per process")
+    if not lead:  # train in step with rank 0, write nothing
+        for seed in seeds:
+            train(data, prep, replace(cfg, seed=seed), progress=False)
+        ranks.barrier()
+        return None
+    metrics = _train_and_write(cfg, out, seeds, progress, data, prep)
+    ranks.barrier()  # (on an error rank 0 exits here; torchrun then stops the others)
+    return metrics
+
+
+def _train_and_write(cfg: FitConfig, out: Path, seeds: list[int], progress: bool, data: Dataset,
+                     prep: Prepared) -> dict:
     with staged_dir(out) as tmp:
         runs = []
         for seed in seeds:

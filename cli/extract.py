@@ -11,24 +11,38 @@ from embcache.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, Encod
 from embcache.store import StoreError
 
 
-def encoder_options(fn):
-    """Flags shared by every command that builds the encoders."""
-    options = [
+def _apply(options, fn):
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def base_encoder_options(fn):
+    """Flags that choose the base encoders (every command that builds them)."""
+    return _apply([
         click.option("--image-encoder", default=DEFAULT_IMAGE_ENCODER, show_default=True,
                      help="timm:<arch> or open_clip:<arch>."),
         click.option("--image-checkpoint", default=None,
                      help="Local weights file (timm), or an open_clip pretrained tag/file."),
-        click.option("--image-bitfit", default=None, type=click.Path(exists=True, dir_okay=False),
-                     help="BitFit bias-delta file (safetensors) to apply to the image encoder."),
         click.option("--text-encoder", default=DEFAULT_TEXT_ENCODER, show_default=True,
                      help="hf:<model id or local folder>."),
         click.option("--text-pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True),
-        click.option("--text-max-length", type=int, default=128, show_default=True),
-        click.option("--text-bitfit", default=None, type=click.Path(exists=True, dir_okay=False)),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+        click.option("--text-max-length", type=click.IntRange(1), default=128, show_default=True),
+    ], fn)
+
+
+def bitfit_options(fn):
+    """BitFit bias deltas (from `embcache tune`) to apply on top of the base encoders."""
+    return _apply([
+        click.option("--image-bitfit", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help="BitFit bias-delta file (safetensors) to apply to the image encoder."),
+        click.option("--text-bitfit", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help="BitFit bias-delta file (safetensors) to apply to the text encoder."),
+    ], fn)
+
+
+def encoder_options(fn):
+    return base_encoder_options(bitfit_options(fn))
 
 
 def _config(dataset, root, out, option, **kw):
@@ -44,13 +58,15 @@ def _config(dataset, root, out, option, **kw):
               help="Dataset folder (or the manifest file for --dataset manifest).")
 @click.option("--out", required=True, help="Zarr store to write (path or fsspec URL).")
 @encoder_options
-@click.option("--batch-size", type=int, default=None, help="Default: 64 on CPU, 256 on GPU.")
-@click.option("--workers", type=int, default=2, show_default=True, help="Loader processes (decode, tokenize).")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Default: 64 on CPU, 256 on GPU.")
+@click.option("--workers", type=click.IntRange(0), default=2, show_default=True,
+              help="Loader processes (decode, tokenize); 0 = in the main process.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--chunk-rows", type=int, default=None, help="Rows per Zarr chunk (default: about 4 MB chunks).")
+@click.option("--chunk-rows", type=click.IntRange(1), default=None,
+              help="Rows per Zarr chunk (default: about 4 MB chunks).")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with other encoders or data.")
-@click.option("--limit", type=int, default=None, help="Only the first N samples (a quick trial).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N samples (a quick trial).")
 @click.option("--cache-layers", type=click.IntRange(0), default=0, show_default=True,
               help="Also store the hidden states entering the last K transformer blocks of each encoder that has "
                    "them (for `fit --predictor prompts`); prints the size and refuses when the disk lacks it.")
@@ -69,7 +85,8 @@ def extract_command(dataset, root, out, option, quiet, **kw):
     report = extract(_config(dataset, root, out, option, **kw), progress=not quiet, log=click.echo)
     if report.skipped:
         return
-    click.echo(f"wrote {report.n_rows} rows to {report.out} in {report.seconds:.1f} s "
+    resumed = "" if report.written == report.n_rows else f" (this run: {report.written})"
+    click.echo(f"wrote {report.n_rows} rows{resumed} to {report.out} in {report.seconds:.1f} s "
                f"({report.samples_per_s:.1f} samples/s)")
     for m, count in report.present.items():
         click.echo(f"  {m}: {count} present, {report.n_rows - count} absent")
@@ -81,10 +98,10 @@ def extract_command(dataset, root, out, option, quiet, **kw):
 @click.option("--dataset", type=click.Choice(DATASET_NAMES), default="manifest", show_default=True)
 @click.option("--root", default="data/demo/manifest.jsonl", show_default=True, type=click.Path(exists=True))
 @encoder_options
-@click.option("--batch-size", type=int, default=None)
-@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None)
+@click.option("--workers", type=click.IntRange(0), default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--limit", type=int, default=None, help="Use only the first N samples.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N samples.")
 @click.option("--processes", default=None, metavar="1,2",
               help="Instead: time whole extract commands run as this many cooperating processes.")
 @click.option("--json", "json_path", default=None, help="Also write the figures here.")

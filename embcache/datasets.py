@@ -502,7 +502,7 @@ def open_dataset(name: str, root: str, **options) -> Dataset:
 
     Options: ``food101`` takes ``val_fraction`` (default 0.1) and ``seed`` (default 0);
     ``manifest`` takes ``classes`` (a list fixing the class order) and ``default_split``.  Unknown options raise
-    ``TypeError``; malformed metadata raises :class:`DatasetError`.
+    :class:`DatasetError`; malformed metadata raises :class:`DatasetError`.
     """
     if name not in _READERS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}")
@@ -511,4 +511,7 @@ def open_dataset(name: str, root: str, **options) -> Dataset:
         _require_file(root, "manifest file")
     else:
         _require_dir(root, f"{name} dataset folder")
-    return _READERS[name](root, **options)
+    try:
+        return _READERS[name](root, **options)
+    except TypeError as exc:  # an option this reader does not take
+        raise DatasetError(f"{name}: {exc}".replace("_read_", "reader ")) from exc

@@ -335,7 +335,10 @@ def apply_bitfit(module: torch.nn.Module, path: str, base_sha: str) -> str:
     with safe_open(path, framework="pt") as fh:
         meta = fh.metadata() or {}
         tuned_on = meta.get("base_checkpoint_sha256")
-        if tuned_on and tuned_on != base_sha:
+        if not tuned_on:
+            raise EncoderError(f"{path} does not record the checkpoint it was tuned on "
+                               "(metadata base_checkpoint_sha256); it is not an `embcache tune` output")
+        if tuned_on != base_sha:
             raise EncoderError(f"{path} was tuned on checkpoint {tuned_on[:12]}..., not on this encoder's "
                                f"{base_sha[:12]}...; tune again on this checkpoint")
         params = dict(module.named_parameters())
@@ -346,7 +349,11 @@ def apply_bitfit(module: torch.nn.Module, path: str, base_sha: str) -> str:
                 name = key[len("delta."):]
                 if name not in params:
                     raise EncoderError(f"{path}: parameter {name!r} is not in the encoder")
-                params[name].add_(fh.get_tensor(key).to(params[name].dtype))
+                delta = fh.get_tensor(key)
+                if delta.shape != params[name].shape:
+                    raise EncoderError(f"{path}: delta for {name!r} has shape {tuple(delta.shape)}, the encoder's "
+                                       f"parameter {tuple(params[name].shape)}")
+                params[name].add_(delta.to(params[name].dtype))
     return sha256_file(path)
 
 

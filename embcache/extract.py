@@ -9,6 +9,8 @@ so the encoder is rarely left waiting for input or output.
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import os
 import queue
 import shutil
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from embcache import datasets as ds
 from embcache import store as st
+from embcache.runtime import Ranks, resolve_device
 from embcache.encoders import (DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, Encoder, load_image_encoder,
                                load_text_encoder)
 
@@ -67,13 +70,8 @@ class ExtractReport:
     problems: dict[str, int]
     seconds: float                     # the whole command, model loading included
     samples_per_s: float               # rows / seconds of the pipeline loop (read, decode, encode, write)
+    written: int = 0                   # rows this process encoded in this run (fewer after a resume, or per rank)
     skipped: bool = False
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------- loading (runs in worker processes)
@@ -358,28 +356,21 @@ def chunk_batches(meta: dict, chunks: list[int], batch_size: int) -> list[list[i
     return batches
 
 
-@dataclass
-class Ranks:
-    """This process's share of an extraction run by several processes (torchrun sets RANK/WORLD_SIZE)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_env(cls) -> "Ranks":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo")  # CPU-side coordination only: two barriers per run
-        return cls(int(os.environ.get("RANK", "0")), world)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
+def samples_sha256(dataset: ds.Dataset) -> str:
+    """Fingerprint of what the reader found: ids, image paths (relative to the dataset root, so a moved dataset
+    still matches), texts, labels and splits. Image bytes are not read: that would cost a pass over the data."""
+    base = dataset.source if os.path.isdir(dataset.source) else os.path.dirname(dataset.source)
+    digest = hashlib.sha256()
+    for s in dataset.samples:
+        image = os.path.relpath(s.image, base) if s.image else None
+        digest.update(json.dumps([s.id, image, s.text, s.label, s.split, sorted(s.absent.items())]).encode())
+    return digest.hexdigest()
 
 
 def prepare_store(cfg: ExtractConfig, dataset: ds.Dataset, enc_attrs: dict, log) -> tuple[object, bool]:
     """Create the store, or reopen one this same extraction started. Returns (root, already complete)."""
-    dataset_meta = {"name": dataset.name, "source": dataset.source, "options": cfg.dataset_options}
+    dataset_meta = {"name": dataset.name, "source": dataset.source, "options": cfg.dataset_options,
+                    "samples_sha256": samples_sha256(dataset)}
     existing = st.read_meta(cfg.out)
     if existing is not None and not cfg.overwrite:
         wanted = st.fingerprint({"dataset": {**dataset_meta, "n_rows": len(dataset.samples)}}, enc_attrs)
@@ -404,6 +395,8 @@ def prepare_store(cfg: ExtractConfig, dataset: ds.Dataset, enc_attrs: dict, log)
             labels=labels_array(dataset), dataset=dataset_meta,
             task={"type": dataset.task, "classes": list(dataset.classes)}, encoders=enc_attrs,
             reasons=reason_vocabulary(dataset), chunk_rows=cfg.chunk_rows, overwrite=True)
+    except st.StoreError as exc:
+        raise ExtractError(str(exc)) from exc
     except OSError as exc:
         raise ExtractError(f"cannot create the store {cfg.out}: {exc}") from exc
     return root, False
@@ -434,30 +427,40 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> ExtractRepo
     device = resolve_device(cfg.device)
     batch_size = cfg.batch_size or (256 if device.type == "cuda" else 64)
     encoders = load_encoders(cfg)
-    ranks = Ranks.from_env()
+    ranks = Ranks.from_env(torch.device("cpu"))  # gloo: the ranks only exchange a few small messages
     n = len(dataset.samples)
     hidden = setup_hidden(cfg, encoders, log if ranks.rank == 0 else (lambda *_: None))
-    if hidden:
-        if cfg.chunk_rows is None:
-            cfg = replace(cfg, chunk_rows=min(hidden_chunk_rows(hidden, cfg.dtype),
-                                             st.default_chunk_rows(max(e.dim for e in encoders.values()))))
-        if ranks.rank == 0:
-            check_room(cfg, hidden, n, log)
+    if hidden and cfg.chunk_rows is None:
+        cfg = replace(cfg, chunk_rows=min(hidden_chunk_rows(hidden, cfg.dtype),
+                                         st.default_chunk_rows(max(e.dim for e in encoders.values()))))
 
+    # Rank 0 checks, creates or reopens the store and decides the pending chunks; every rank gets the same
+    # answer (or the same error), so no rank works from a list another rank has already changed.
+    failure, setup = None, None
     if ranks.rank == 0:
-        root, complete = prepare_store(cfg, dataset, {m: e.attrs for m, e in encoders.items()}, log)
-        if hidden and not complete and "hidden" not in root[next(iter(hidden))]:
-            for m, spec in hidden.items():
-                st.create_hidden(root, m, spec.tokens, spec.width, cfg.dtype, with_mask=spec.text)
-    ranks.barrier()
+        try:
+            if hidden:
+                check_room(cfg, hidden, n, log)
+            root, complete = prepare_store(cfg, dataset, {m: e.attrs for m, e in encoders.items()}, log)
+            if hidden and not complete and "hidden" not in root[next(iter(hidden))]:
+                for m, spec in hidden.items():
+                    st.create_hidden(root, m, spec.tokens, spec.width, cfg.dtype, with_mask=spec.text)
+            setup = (complete, [int(c) for c in np.flatnonzero(~st.chunks_done(root))])
+        except (ExtractError, st.StoreError, OSError) as exc:
+            failure, setup = exc, str(exc)
+    setup = ranks.broadcast(setup)
+    if failure is not None:
+        raise failure
+    if isinstance(setup, str):
+        raise ExtractError(f"rank 0 could not prepare {cfg.out}: {setup}")
+    complete, pending = setup
     if ranks.rank != 0:
         root = st.open_store(cfg.out, require_complete=False, mode="r+").root
-        complete = bool(root.attrs[st.ATTRS_KEY]["complete"])
     meta = dict(root.attrs[st.ATTRS_KEY])
     if complete:
-        return ExtractReport(cfg.out, n, {}, meta.get("problems", {}), 0.0, 0.0, skipped=True)
+        ranks.close()
+        return ExtractReport(cfg.out, n, present_counts(root), meta.get("problems", {}), 0.0, 0.0, skipped=True)
 
-    pending = [int(c) for c in np.flatnonzero(~st.chunks_done(root))]
     mine = pending[ranks.rank::ranks.world]  # whole chunks per rank: no two writers share a chunk file
     batches = chunk_batches(meta, mine, batch_size)
     code = {name: i for i, name in enumerate(root["image"].attrs["reasons"])}
@@ -469,7 +472,6 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> ExtractRepo
         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
     writer = ChunkWriter(root, {m: e.dim for m, e in encoders.items()}, meta, cfg.dtype,
                          {m: (s.tokens, s.width) for m, s in hidden.items()})
-    present_count = {m: 0 for m in encoders}
     todo = sum(len(b) for b in batches)
 
     from tqdm.auto import tqdm
@@ -495,7 +497,6 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> ExtractRepo
                     emb[pos] = encode_rows(encoders[m], batch[input_key], device,
                                            spec.capture if spec else None).cpu().numpy()
                     present[pos] = True
-                    present_count[m] += len(pos)
                 if spec:
                     block[f"{m}/hidden"] = hidden_block(spec, len(rows), pos, batch[input_key], cfg.dtype)
                 block[m] = (emb, present, reason)
@@ -515,11 +516,21 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> ExtractRepo
     problems = count_problems(root, dataset)
     seconds = time.perf_counter() - started
     rate = todo / loop_seconds if loop_seconds > 0 else 0.0
-    if ranks.rank == 0 and st.chunks_done(root).all():
+    if ranks.rank == 0:
+        done = st.chunks_done(root)
+        if not done.all():
+            raise ExtractError(f"{cfg.out}: {int((~done).sum())} chunks were not written; re-run the same command "
+                               "to finish them")
         stats = {"batch_size": batch_size, "device": str(device), "workers": cfg.workers, "processes": ranks.world,
                  "seconds": round(seconds, 3), "samples_per_s": round(rate, 2)}
         st.mark_complete(root, problems, extra={"extract": stats})
-    return ExtractReport(cfg.out, n, present_count, problems, seconds, rate)
+    ranks.close()
+    return ExtractReport(cfg.out, n, present_counts(root), problems, seconds, rate, written=todo)
+
+
+def present_counts(root) -> dict[str, int]:
+    """Rows per modality that hold an embedding, over the whole store (not only this run's rows)."""
+    return {m: int(np.asarray(root[m]["present"][:]).sum()) for m in root.attrs[st.ATTRS_KEY]["modalities"]}
 
 
 def config_dict(cfg: ExtractConfig) -> dict:

@@ -8,6 +8,7 @@ never mistakes a half-written store for a finished one. Readers go through
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,13 @@ def _open_group(url: str, mode: str, storage_options: dict | None = None) -> zar
     return zarr.open_group(url, mode=mode, storage_options=storage_options or None)
 
 
+def _is_nonempty_local_dir(url: str) -> bool:
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if "://" in path:
+        return False
+    return os.path.isdir(path) and any(os.scandir(path))
+
+
 def read_meta(url: str, storage_options: dict | None = None) -> dict | None:
     """The root `embcache` attrs of an existing store, or None when there is no store at `url`."""
     try:
@@ -56,6 +64,7 @@ def fingerprint(meta: dict, encoders: dict[str, dict]) -> dict:
         "dataset": meta["dataset"]["name"],
         "options": meta["dataset"].get("options") or {},
         "n_rows": meta["dataset"]["n_rows"],
+        "samples_sha256": meta["dataset"].get("samples_sha256"),
         "encoders": {m: encoder_fingerprint(enc) for m, enc in sorted(encoders.items())},
     }
 
@@ -70,7 +79,7 @@ def encoder_fingerprint(enc: dict) -> dict:
 def fingerprint_diff(old: dict, new: dict) -> list[str]:
     """Human-readable list of the fields that differ between two fingerprints."""
     diffs = []
-    for key in ("dataset", "options", "n_rows"):
+    for key in ("dataset", "options", "n_rows", "samples_sha256"):
         if old.get(key) != new.get(key):
             diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
     old_enc, new_enc = old.get("encoders", {}), new.get("encoders", {})
@@ -98,8 +107,12 @@ def create_store(url: str, *, ids: list[str], split: np.ndarray, labels: np.ndar
     `reasons` is the vocabulary of absence reasons; code 0 is always "present".
     """
     n = len(ids)
-    if not overwrite and read_meta(url, storage_options) is not None:
+    existing = read_meta(url, storage_options)
+    if not overwrite and existing is not None:
         raise StoreError(f"{url} already holds an embcache store; pass overwrite=True to replace it")
+    if existing is None and _is_nonempty_local_dir(url):
+        # Zarr's mode "w" empties the folder: never let that happen to something that is not a store.
+        raise StoreError(f"{url} is a folder with other content, not an embcache store; choose another path")
     if task["type"] not in TASK_TYPES:
         raise StoreError(f"unknown task type {task['type']!r}; expected one of {TASK_TYPES}")
     dims = [enc["dim"] for enc in encoders.values()]

@@ -97,3 +97,18 @@ def test_bitfit_deltas_are_added_and_checked_against_the_base(bert_dir, tmp_path
     save_file({f"delta.{name}": delta}, wrong, metadata={"base_checkpoint_sha256": "0" * 64})
     with pytest.raises(enc.EncoderError, match="tuned on checkpoint"):
         enc.load_text_encoder(f"hf:{bert_dir}", bitfit=wrong)
+
+
+def test_bitfit_files_must_name_their_base_and_fit_the_shapes(bert_dir, tmp_path):
+    base = enc.load_text_encoder(f"hf:{bert_dir}")
+    name = "encoder.layer.0.output.dense.bias"
+    shape = dict(base.module.named_parameters())[name].shape
+    anonymous = str(tmp_path / "anon.safetensors")
+    save_file({f"delta.{name}": torch.zeros(shape)}, anonymous)
+    with pytest.raises(enc.EncoderError, match="base_checkpoint_sha256"):
+        enc.load_text_encoder(f"hf:{bert_dir}", bitfit=anonymous)
+    wrong_shape = str(tmp_path / "shape.safetensors")
+    save_file({f"delta.{name}": torch.zeros(3)}, wrong_shape,
+              metadata={"base_checkpoint_sha256": base.attrs["checkpoint_sha256"]})
+    with pytest.raises(enc.EncoderError, match="has shape"):
+        enc.load_text_encoder(f"hf:{bert_dir}", bitfit=wrong_shape)

@@ -116,7 +116,7 @@ def test_cli_with_the_offline_default_encoders(tmp_path):
     assert "wrote 10 rows" in result.output and "undecodable_image 1" in result.output
     store = st.open_store(str(out))
     assert store.encoder("image")["dim"] == 1280 and store.encoder("text")["dim"] == 384
-    assert store.encoder("text")["pooling"] == "mean" and store.embeddings("image").dtype == np.float32
+    assert store.encoder("text")["pooling"] == "mean" and store.root["image/emb"].dtype == np.float16
 
 
 def test_cli_malformed_metadata_stops_with_a_clear_error_and_writes_nothing(tmp_path):
@@ -138,3 +138,36 @@ def test_bench_extract_reports_pipeline_and_pure_throughput(tiny, tmp_path):
     assert result["ratio"] == pytest.approx(result["pipeline_samples_per_s"] / result["pure_forward_samples_per_s"],
                                             rel=0.01)
     json.dumps({k: v for k, v in result.items() if k != "table"})
+
+
+def test_a_folder_that_is_not_a_store_is_never_replaced(tiny, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("important")
+    root = os.path.join(FIXTURES, "manifest", "manifest.jsonl")
+    for overwrite in (False, True):
+        with pytest.raises(ExtractError, match="not an embcache store"):
+            run(tiny, "manifest", root, precious, overwrite=overwrite)
+    assert (precious / "thesis.txt").read_text() == "important"
+
+
+def test_rerun_on_changed_data_is_refused(tiny, tmp_path):
+    source = tmp_path / "m.jsonl"
+    original = open(os.path.join(FIXTURES, "manifest", "manifest.jsonl"), "rb").read()  # has non-UTF-8 bytes
+    base = os.path.join(FIXTURES, "manifest").encode()
+    source.write_bytes(original.replace(b'"images/', b'"' + base + b"/images/"))
+    run(tiny, "manifest", str(source), tmp_path / "s.zarr")
+    source.write_bytes(source.read_bytes().replace(b"sleeping", b"sleepin!"))  # same rows and size, other text
+    with pytest.raises(ExtractError, match="samples_sha256"):
+        run(tiny, "manifest", str(source), tmp_path / "s.zarr")
+
+
+def test_unknown_reader_option_and_bad_numbers_are_clean_cli_errors(tmp_path):
+    base = ["extract", "--dataset", "food101", "--root", os.path.join(FIXTURES, "food101"), "--out",
+            str(tmp_path / "s.zarr")]
+    result = CliRunner().invoke(cli, base + ["--option", "foo=1"])
+    assert result.exit_code == 1 and "foo" in result.output and "Traceback" not in result.output
+    for flag in ("--batch-size", "--chunk-rows", "--limit"):
+        result = CliRunner().invoke(cli, base + [flag, "0"])
+        assert result.exit_code == 2 and flag in result.output
+    assert not (tmp_path / "s.zarr").exists()

@@ -71,7 +71,9 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_store(tiny, tmp_pat
 
     resumed = subprocess.run(args, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming" in resumed.stdout
+    assert "resuming" in resumed.stdout and "(this run: " in resumed.stdout
+    counts = st.open_store(str(tmp_path / "killed.zarr")).load().present
+    assert f"image: {int(counts['image'].sum())} present" in resumed.stdout  # the whole store, not this run
     straight = subprocess.run(cli_args(tiny, tmp_path / "straight.zarr", limit=96), capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr
     assert_same_store(str(tmp_path / "killed.zarr"), str(tmp_path / "straight.zarr"))

@@ -1,0 +1,86 @@
+"""What every command shares about where it runs and how it writes: the device, the process ranks under
+torchrun, and atomic outputs."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` = the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Ranks:
+    """This process's place in a job run by several processes (torchrun sets RANK / WORLD_SIZE)."""
+
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False            # this job initialised the process group (and destroys it)
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> "Ranks":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        owns = False
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            owns = True
+        return cls(torch.distributed.get_rank(), torch.distributed.get_world_size(), owns)
+
+    def steps(self, steps: int) -> range:
+        """The steps of an epoch's schedule this process runs: a contiguous 1/world share."""
+        share = steps // self.world
+        return range(self.rank * share, (self.rank + 1) * share)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def broadcast(self, value):
+        """Rank 0's `value` on every rank (any picklable object)."""
+        if self.world <= 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def staged_file(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on any error it is removed.
+
+    Readers never see a half-written file, and a failed run leaves no debris. The folder is created if needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def looks_like_run(path: Path) -> bool:
+    """A folder `embcache fit` wrote (one seed's run, or the seed-* runs of --seeds)."""
+    return (path / "config.json").exists() or any(path.glob("seed-*/config.json"))
+
+
+__all__ = ["resolve_device", "Ranks", "staged_file", "looks_like_run"]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import click
 
@@ -129,6 +128,7 @@ def eval_command(run_dir, store, rate, device, json_path):
     metrics = evaluate_run(run_dir, store=store, rate=rate, device=device)
     click.echo(format_table(metrics))
     if json_path:  # temp file then rename: never a half-written JSON
-        with open(f"{json_path}.partial", "w") as fh:
+        from embcache.runtime import staged_file
+
+        with staged_file(json_path) as tmp, open(tmp, "w") as fh:
             json.dump(metrics, fh, indent=2)
-        os.replace(f"{json_path}.partial", json_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from embcache.cli.common import parse_options, user_errors
-from embcache.cli.extract import encoder_options
+from embcache.cli.extract import base_encoder_options
 from embcache.datasets import DATASET_NAMES, DatasetError
 from embcache.encoders import EncoderError
 
@@ -15,22 +15,23 @@ from embcache.encoders import EncoderError
 @click.option("--root", required=True, type=click.Path(exists=True),
               help="Dataset folder (or the manifest file for --dataset manifest).")
 @click.option("--modality", type=click.Choice(["image", "text"]), required=True, help="The encoder to tune.")
-@encoder_options
-@click.option("--epochs", type=int, default=5, show_default=True)
+@base_encoder_options
+@click.option("--epochs", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate of the biases.")
 @click.option("--head-lr", type=float, default=1e-2, show_default=True,
               help="Learning rate of the temporary linear head.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True, help="Loader processes (decode, tokenize).")
+@click.option("--workers", type=click.IntRange(0), default=2, show_default=True,
+              help="Loader processes (decode, tokenize).")
 @click.option("--out", required=True, help="BitFit file to write (safetensors, docs/bitfit-format.md).")
 @click.option("--resume/--no-resume", default=None,
               help="Continue from <out>.state.pt. Default: continue when it was made with the same arguments.")
 @click.option("--option", multiple=True, metavar="KEY=VALUE", help="Reader option, e.g. val_fraction=0.1.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors(DatasetError, EncoderError, ValueError)
-def tune_command(dataset, root, modality, out, option, quiet, image_bitfit, text_bitfit, **kw):
+def tune_command(dataset, root, modality, out, option, quiet, **kw):
     """Tune the bias terms of one frozen encoder on the task (BitFit) and write the bias deltas.
 
     Only the training rows that have the modality are used, so unpaired data helps. Apply the result with
@@ -38,8 +39,6 @@ def tune_command(dataset, root, modality, out, option, quiet, image_bitfit, text
     """
     from embcache.tune import TuneConfig, tune
 
-    if image_bitfit or text_bitfit:
-        raise click.UsageError("tune starts from the base checkpoint; --image-bitfit/--text-bitfit are for extract")
     cfg = TuneConfig(dataset=dataset, root=root, modality=modality, out=out, dataset_options=parse_options(option),
                      **kw)
     report = tune(cfg, progress=not quiet, log=click.echo)

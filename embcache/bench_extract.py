@@ -14,7 +14,8 @@ import time
 import torch
 
 from embcache import datasets as ds
-from embcache.extract import ExtractConfig, extract, load_encoders, resolve_device
+from embcache.extract import ExtractConfig, extract, load_encoders
+from embcache.runtime import resolve_device
 
 
 def _sync(device: torch.device) -> None:

@@ -14,8 +14,9 @@ from dataclasses import replace
 import torch
 
 from embcache import synthetic
-from embcache.evaluate import dataset_from_features, resolve_device
+from embcache.evaluate import dataset_from_features
 from embcache.models import FitConfig
+from embcache.runtime import resolve_device
 from embcache.train import batch_loss, make_model, prepare, train
 
 

@@ -21,10 +21,11 @@ import torch
 
 from embcache import datasets as ds
 from embcache.encoders import Encoder, load_image_encoder, load_text_encoder, sha256_file
-from embcache.evaluate import load_run, predict_logits, resolve_device, seed_dirs
+from embcache.evaluate import fingerprint_mismatch, load_run, predict_logits, seed_dirs, store_fingerprint
 from embcache.extract import read_image
 from embcache.models import FitConfig, FusionModel
-from embcache.store import open_store
+from embcache.runtime import resolve_device, staged_file
+from embcache.store import StoreError, open_store
 
 BUNDLE_FORMAT = 1
 MULTILABEL_THRESHOLD = 0.5
@@ -46,8 +47,7 @@ def export_bundle(run_dir: str, out: str, seed: int | None = None) -> str:
     if resolved.get("predictors") and "prompts" in resolved["predictors"].values():
         raise BundleError(f"{run} was trained with --predictor prompts; bundles hold MLP predictors only for now "
                           "(predicting from raw inputs would also need the encoders' hidden states)")
-    store = open_store(cfg.store)
-    encoders = {m: store.encoder(m) for m in ("image", "text")}
+    encoders = run_encoders(run, cfg, resolved)
     manifest = {
         "format": BUNDLE_FORMAT,
         "task": resolved["task"],
@@ -59,20 +59,34 @@ def export_bundle(run_dir: str, out: str, seed: int | None = None) -> str:
         "fit": json.loads((run / "config.json").read_text()),
         "run": str(run.resolve()),
     }
-    tmp = f"{out}.partial"
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    with staged_file(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.write(run / "model.safetensors", "model.safetensors")
         for m, enc in encoders.items():
             if enc.get("bitfit_sha256"):
                 path = enc.get("bitfit")
                 if not path or not os.path.exists(path) or sha256_file(path) != enc["bitfit_sha256"]:
-                    os.remove(tmp)
                     raise BundleError(f"the {m} features were extracted with BitFit deltas {path!r}, which are no "
                                       "longer there (or changed); the bundle needs that file")
                 archive.write(path, f"bitfit-{m}.safetensors")
         archive.writestr("bundle.json", json.dumps(manifest, indent=2))
-    os.replace(tmp, out)
     return out
+
+
+def run_encoders(run: Path, cfg: FitConfig, resolved: dict) -> dict[str, dict]:
+    """The encoder attrs of the features `run` was trained on: those recorded in its config.json, or (runs made
+    before fit recorded them) those of the store at cfg.store, if its fingerprint is still the run's."""
+    if resolved.get("encoders"):
+        return {m: resolved["encoders"][m] for m in ("image", "text")}
+    try:
+        store = open_store(cfg.store, require_complete=not cfg.allow_partial)
+    except StoreError as exc:
+        raise BundleError(f"{run}: the run does not record its encoders and its store cannot be read: {exc}") from exc
+    diffs = fingerprint_mismatch(resolved["fingerprint"], store_fingerprint(store))
+    if diffs:
+        raise BundleError(f"{cfg.store} no longer holds the features {run} was trained on ({'; '.join(diffs)}), "
+                          "and the run does not record its encoders; refit it (fit now records them) or "
+                          "re-extract the store as it was")
+    return {m: store.encoder(m) for m in ("image", "text")}
 
 
 @dataclass
@@ -195,8 +209,7 @@ class Model:
             raise BundleError(str(exc)) from exc
         from tqdm.auto import tqdm
 
-        tmp = f"{out}.partial"
-        with open(tmp, "w") as fh:
+        with staged_file(out) as tmp, open(tmp, "w") as fh:
             for start in tqdm(range(0, len(rows), batch_size), desc="predict", disable=not progress):
                 batch = rows[start:start + batch_size]
                 scores, present = self.predict_batch([s.image for s in batch], [s.text for s in batch])
@@ -206,7 +219,6 @@ class Model:
                         "scores": {c: round(float(v), 6) for c, v in zip(self.classes, scores[k])},
                         "present": {m: bool(p[k]) for m, p in present.items()},
                     }) + "\n")
-        os.replace(tmp, out)
         return len(rows)
 
 

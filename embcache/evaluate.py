@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from embcache.missing import MODALITIES, SCENARIOS, scenario_present
 from embcache.models import DIRECTIONS, FitConfig, FitError, FusionModel
+from embcache.runtime import resolve_device
 from embcache.store import (SPLIT_CODES, CachedFeatures, FeatureStore, StoreError, chunks_done,
                             encoder_fingerprint, fingerprint_diff, open_store)
 from embcache.stream import ReadAhead, split_blocks
@@ -95,6 +96,20 @@ class Dataset:
 def _fingerprint(features: CachedFeatures) -> dict:
     return {"task": features.task_type, "classes": list(features.classes),
             "encoders": {m: encoder_fingerprint(features.encoders[m]) for m in MODALITIES}}
+
+
+def fingerprint_mismatch(recorded: dict, current: dict) -> list[str]:
+    """The fields (`text.pooling: 'mean' -> 'cls'`, task, classes) in which two dataset fingerprints differ."""
+    diffs = [f"{key}: {recorded.get(key)!r} -> {current.get(key)!r}" for key in ("task", "classes")
+             if recorded.get(key) != current.get(key)]
+    return diffs + fingerprint_diff({"encoders": recorded.get("encoders", {})},
+                                    {"encoders": current.get("encoders", {})})
+
+
+def store_fingerprint(fs: FeatureStore) -> dict:
+    """The dataset fingerprint (`Dataset.fingerprint`) of a store's current contents."""
+    return {"task": fs.task_type, "classes": list(fs.classes),
+            "encoders": {m: encoder_fingerprint(fs.encoder(m)) for m in fs.modalities}}
 
 
 def check_features(features: CachedFeatures, url: str, streamed: bool = False) -> None:
@@ -283,12 +298,6 @@ def labeled(task_type: str, labels: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # Tensors on the device
 # ------------------------------------------------------------------------------------------------
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @dataclass
 class SplitTensors:
     x: dict[str, torch.Tensor]          # raw embeddings (N, D_m), float32
@@ -406,77 +415,85 @@ def evaluate_scenarios(model: FusionModel, split: SplitData, tensors: SplitTenso
     return results
 
 
-@torch.no_grad()
-def predictor_quality(model: FusionModel, split: SplitData, tensors: SplitTensors) -> dict[str, dict]:
-    """{direction: {cosine, r2}} on the rows where the data has both modalities.
+class PredictorQuality:
+    """{direction: {cosine, r2}} over the rows with both modalities, accumulated block by block (float64 sums).
 
     For `zero` / `mean` imputation, the constant that stands in for the missing modality is scored.
-    cosine: mean cosine similarity in raw embedding space; r2: `r2_score` in standardised space.
+    cosine: mean cosine similarity in raw embedding space; r2: `r2_score` in standardised space, pooled over
+    the blocks (sum of squares about the mean = sum z^2 - (sum z)^2 / n).
     """
+
+    def __init__(self, model: FusionModel):
+        self.model = model
+        self.acc = {name: {"n": 0, "cosine": 0.0, "residual": 0.0, "sum": 0.0, "sum2": 0.0} for name in DIRECTIONS}
+
+    @torch.no_grad()
+    def add(self, x: dict[str, torch.Tensor]) -> None:
+        """x: raw embeddings of rows that have both modalities (and their hidden states, --predictor prompts)."""
+        model = self.model
+        n = len(x[MODALITIES[0]])
+        if n == 0:
+            return
+        ones = {m: torch.ones(n, dtype=torch.bool, device=x[m].device) for m in MODALITIES}
+        out = model(x, ones)
+        for name, (src, dst) in DIRECTIONS.items():
+            pred = model.fill(dst, out.pred.get(name), ones[src]).expand_as(out.z[dst])
+            # a zero vector has no direction (cosine 0); unstandardising would leave rounding noise instead
+            raw = torch.zeros_like(x[dst]) if model.impute == "zero" else model.unstandardize(dst, pred)
+            a, z = self.acc[name], out.z[dst].double()
+            a["n"] += n
+            a["cosine"] += torch.nn.functional.cosine_similarity(raw, x[dst], dim=1).double().sum().item()
+            a["residual"] += ((z - pred.double()) ** 2).sum().item()
+            a["sum"] = a["sum"] + z.sum(0)
+            a["sum2"] = a["sum2"] + (z ** 2).sum(0)
+
+    def result(self) -> dict[str, dict]:
+        quality = {}
+        for name, a in self.acc.items():
+            if a["n"] == 0:
+                quality[name] = {"cosine": None, "r2": None}
+                continue
+            total = (a["sum2"] - a["sum"] ** 2 / a["n"]).sum().item()
+            quality[name] = {"cosine": a["cosine"] / a["n"], "r2": 1 - a["residual"] / max(total, 1e-12)}
+        return quality
+
+
+@torch.no_grad()
+def predictor_quality(model: FusionModel, split: SplitData, tensors: SplitTensors) -> dict[str, dict]:
+    """{direction: {cosine, r2}} on the rows where the data has both modalities (`PredictorQuality`)."""
     both = split.present["image"] & split.present["text"]
-    if not both.any():
-        return {name: {"cosine": None, "r2": None} for name in DIRECTIONS}
     idx = torch.as_tensor(np.flatnonzero(both), device=tensors.y.device)
-    x = {m: t[idx] for m, t in tensors.x.items()}
-    has = {m: torch.ones(len(idx), dtype=torch.bool, device=idx.device) for m in MODALITIES}
     model.eval()
-    out = model(x, has)
-    quality = {}
-    for name, (src, dst) in DIRECTIONS.items():
-        pred = model.fill(dst, out.pred.get(name), has[src]).expand_as(out.z[dst])
-        # a zero vector has no direction (cosine 0); unstandardising would leave rounding noise instead
-        raw = torch.zeros_like(x[dst]) if model.impute == "zero" else model.unstandardize(dst, pred)
-        cosine = torch.nn.functional.cosine_similarity(raw, x[dst], dim=1)
-        quality[name] = {"cosine": cosine.mean().item(), "r2": r2_score(pred, out.z[dst])}
-    return quality
+    quality = PredictorQuality(model)
+    quality.add({k: t[idx] for k, t in tensors.x.items()})  # + hidden states (--predictor prompts)
+    return quality.result()
 
 
 @torch.no_grad()
 def streamed_scenarios(model: FusionModel, split: SplitData, tensors: SplitTensors, task_type: str, rate: float,
                        seed: int, quality: bool, read_ahead: int = 2) -> tuple[dict, dict | None]:
     """evaluate_scenarios (and predictor_quality when `quality`) of a streamed split, in one pass over its
-    chunks. r2 pools sums accumulated in float64 (sum of squares about the mean = sum y^2 - (sum y)^2 / n)."""
+    chunks."""
     device = tensors.y.device
     masks = {sc: masks_to(scenario_present(split.ids, split.present, sc, rate, seed), device) for sc in SCENARIOS}
     logits: dict[str, list] = {sc: [] for sc in SCENARIOS}
     both = split.present["image"] & split.present["text"]
-    acc = {name: {"n": 0, "cosine": 0.0, "residual": 0.0, "sum": 0.0, "sum2": 0.0} for name in DIRECTIONS}
+    scores = PredictorQuality(model)
     model.eval()
     for pos, block in split.blocks(read_ahead):
         idx = torch.as_tensor(pos, device=device)
         x = {m: torch.from_numpy(block[m]).to(device) for m in MODALITIES}
         for sc in SCENARIOS:
             logits[sc].append(predict_logits(model, x, {m: masks[sc][m][idx] for m in MODALITIES}))
-        rows = torch.as_tensor(np.flatnonzero(both[pos]), device=device)
-        if not quality or len(rows) == 0:
-            continue
-        xb = {m: t[rows] for m, t in x.items()}
-        ones = {m: torch.ones(len(rows), dtype=torch.bool, device=device) for m in MODALITIES}
-        out = model(xb, ones)
-        for name, (src, dst) in DIRECTIONS.items():
-            pred = model.fill(dst, out.pred.get(name), ones[src]).expand_as(out.z[dst])
-            raw = torch.zeros_like(xb[dst]) if model.impute == "zero" else model.unstandardize(dst, pred)
-            a, z = acc[name], out.z[dst].double()
-            a["n"] += len(rows)
-            a["cosine"] += torch.nn.functional.cosine_similarity(raw, xb[dst], dim=1).double().sum().item()
-            a["residual"] += ((z - pred.double()) ** 2).sum().item()
-            a["sum"] = a["sum"] + z.sum(0)
-            a["sum2"] = a["sum2"] + (z ** 2).sum(0)
+        if quality:
+            rows = torch.as_tensor(np.flatnonzero(both[pos]), device=device)
+            scores.add({m: t[rows] for m, t in x.items()})
     results = {}
     for sc in SCENARIOS:
         cat = torch.cat(logits[sc]) if logits[sc] else torch.zeros(0, model.classifier[-1].out_features,
                                                                    device=device)
         results[sc] = task_metrics(task_type, cat, tensors.y)
-    if not quality:
-        return results, None
-    q = {}
-    for name, a in acc.items():
-        if a["n"] == 0:
-            q[name] = {"cosine": None, "r2": None}
-            continue
-        total = (a["sum2"] - a["sum"] ** 2 / a["n"]).sum().item()
-        q[name] = {"cosine": a["cosine"] / a["n"], "r2": 1 - a["residual"] / max(total, 1e-12)}
-    return results, q
+    return results, scores.result() if quality else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -521,8 +538,10 @@ def evaluate_run(run_dir: str | Path, *, store: str | None = None, rate: float |
         data = loaded[sources] = loaded.get(sources) or load_dataset(
             *sources, hidden=cfg.predictor == "prompts", allow_partial=cfg.allow_partial,
             stream=bool((resolved.get("data") or {}).get("streaming")))
-        if data.fingerprint != resolved["fingerprint"]:
-            raise FitError(f"{store or cfg.store}: not the features {path} was trained on (fingerprint differs)")
+        diffs = fingerprint_mismatch(resolved["fingerprint"], data.fingerprint)
+        if diffs:
+            raise FitError(f"{store or cfg.store}: not the features {path} was trained on (fingerprint differs: "
+                           f"{'; '.join(diffs)})")
         results.append(scenario_metrics(model, data, cfg, resolved, rate=rate))
     return results[0] if len(results) == 1 else summarize(results)
 

@@ -63,6 +63,7 @@ def staged_output(out: str, overwrite: bool) -> Iterator[str]:
         raise InterchangeError(f"{out} already exists; pass --overwrite to replace it")
     tmp = out + ".partial"
     _remove(tmp)  # left by a run that was killed
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     try:
         yield tmp
         if os.path.isdir(out):  # os.replace cannot put a folder over a non-empty one: swap it aside
@@ -80,9 +81,14 @@ def staged_output(out: str, overwrite: bool) -> Iterator[str]:
 # ------------------------------------------------------------------------------------------------
 # HDF5: export and import
 # ------------------------------------------------------------------------------------------------
-def _array_paths(modalities: list[str]) -> list[str]:
-    """The per-row arrays of a store, in the order they are copied."""
-    return ["ids", "split", "labels"] + [f"{m}/{a}" for m in modalities for a in ("emb", "present", "reason")]
+HIDDEN_ARRAYS = ("hidden", "hidden_mask")  # cached hidden states (`extract --cache-layers k`), where a group has them
+
+
+def _array_paths(root, modalities: list[str]) -> list[str]:
+    """The per-row arrays of a store (the hidden states too, where there are), in the order they are copied."""
+    return ["ids", "split", "labels"] + [f"{m}/{a}" for m in modalities
+                                         for a in ("emb", "present", "reason", *HIDDEN_ARRAYS)
+                                         if a not in HIDDEN_ARRAYS or a in root[m]]
 
 
 def export_features(store_url: str, to: str, *, overwrite: bool = False) -> dict:
@@ -95,7 +101,7 @@ def export_features(store_url: str, to: str, *, overwrite: bool = False) -> dict
             group = h5.create_group(m)
             group.attrs["encoder"] = json.dumps(fs.encoder(m))
             group.attrs["reasons"] = json.dumps(fs.reasons(m))
-        for path in _array_paths(fs.modalities):
+        for path in _array_paths(fs.root, fs.modalities):
             src = fs.root[path]
             dtype = h5py.string_dtype("utf-8") if path == "ids" else src.dtype
             chunks = (min(rows, n),) + src.shape[1:] if n else None
@@ -138,9 +144,19 @@ def import_hdf5(path: str, out: str, *, overwrite: bool = False) -> dict:
         labels = _h5_array(h5, "labels", (n, n_classes) if task["type"] == "multilabel" else (n,), path)[:]
         encoders = {m: _h5_json(h5[m], "encoder", path) for m in modalities if m in h5}
         reasons = {m: _h5_json(h5[m], "reasons", path) for m in encoders}
+        hidden = {}  # modality -> (tokens, width, dtype, has a mask)
         for m, enc in encoders.items():
             for name, shape in (("emb", (n, enc["dim"])), ("present", (n,)), ("reason", (n,))):
                 _h5_array(h5, f"{m}/{name}", shape, path)
+            if "hidden" in h5[m]:
+                states = h5[f"{m}/hidden"]
+                if states.ndim != 3 or states.shape[0] != n:
+                    raise InterchangeError(f"{path}: {m}/hidden has shape {states.shape}, expected ({n}, T, W)")
+                if "hidden_mask" in h5[m]:
+                    _h5_array(h5, f"{m}/hidden_mask", states.shape[:2], path)
+                hidden[m] = (states.shape[1], states.shape[2], states.dtype.name, "hidden_mask" in h5[m])
+            elif "hidden_mask" in h5[m]:
+                raise InterchangeError(f"{path}: {m}/hidden_mask without {m}/hidden")
         if list(encoders) != modalities:
             raise InterchangeError(f"{path}: groups {list(encoders)} do not match modalities {modalities}")
         if meta["dataset"].get("n_rows") != n:
@@ -152,6 +168,8 @@ def import_hdf5(path: str, out: str, *, overwrite: bool = False) -> dict:
             created = dict(root.attrs[st.ATTRS_KEY])
             for m in modalities:
                 root[m].attrs["reasons"] = reasons[m]
+            for m, (tokens, width, dtype, with_mask) in hidden.items():
+                st.create_hidden(root, m, tokens, width, dtype, with_mask=with_mask)
             _copy_rows(root, {m: h5[m] for m in modalities}, created)
             # Restore the exported attrs verbatim (keys a hand-made file lacks keep create_store's values).
             root.attrs[st.ATTRS_KEY] = {**created, **meta, "complete": True}
@@ -159,11 +177,14 @@ def import_hdf5(path: str, out: str, *, overwrite: bool = False) -> dict:
 
 
 def _copy_rows(root, groups: dict, meta: dict) -> None:
-    """Copy emb/present/reason of each modality from `groups` (h5 groups) chunk by chunk."""
+    """Copy emb/present/reason (and the hidden states) of each modality from `groups` (h5 groups) chunk by chunk."""
     for chunk in range(st.n_chunks(meta["dataset"]["n_rows"], meta["chunk_rows"])):
         start, stop = st.chunk_bounds(meta, chunk)
         for m, g in groups.items():
             st.write_rows(root, m, start, g["emb"][start:stop], g["present"][start:stop], g["reason"][start:stop])
+            if "hidden" in g:
+                st.write_hidden(root, m, start, g["hidden"][start:stop],
+                                g["hidden_mask"][start:stop] if "hidden_mask" in g else None)
         st.mark_chunk_done(root, chunk)
 
 

@@ -26,7 +26,7 @@ import hashlib
 
 import numpy as np
 
-MODALITIES = ("image", "text")
+from embcache.datasets import MODALITIES  # noqa: F401 - re-exported: the modality names live in one place
 MISSING_TYPES = ("both", "image", "text")
 SCENARIOS = ("full", "missing-image", "missing-text", "missing-both")
 SCENARIO_TYPES = {"full": None, "missing-image": "image", "missing-text": "text", "missing-both": "both"}

@@ -11,6 +11,9 @@ from typing import Iterator
 
 import torch
 
+_UMASK = os.umask(0)  # read the process umask once (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` = the GPU when there is one, else the CPU."""
@@ -72,6 +75,7 @@ def staged_file(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-MODALITIES = ("image", "text")
+from embcache.missing import MODALITIES
 
 
 # ------------------------------------------------------------------------------------------------

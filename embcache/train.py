@@ -35,50 +35,18 @@ from tqdm.auto import tqdm
 
 from embcache import plots
 from embcache.evaluate import (MAIN_METRIC, Dataset, SplitData, SplitTensors, check_finite, dataset_bytes,
-                               load_dataset, masks_to, predict_split, resolve_device, scenario_metrics,
-                               summarize, task_metrics)
+                               load_dataset, masks_to, predict_split, scenario_metrics, summarize,
+                               task_metrics)
 from embcache.missing import MODALITIES, apply_missing, scenario_of, scenario_present
 from embcache.models import FitConfig, FitError, FusionModel
 from embcache.prompts import attach_prompt_predictors, resolve_predictors
+from embcache.runtime import Ranks, looks_like_run, resolve_device
 from embcache.stream import Moments, StreamedBatches, chunk_groups, chunked_order, memory_budget_bytes
 
 MIN_PAIRED_PER_BATCH = 16   # VICReg's variance and covariance need a few rows per batch
 MIN_STEPS_PER_EPOCH = 8     # small train sets get smaller batches rather than 1-2 steps per epoch
 MIN_BATCH = 32
 VIRTUAL_CHUNK_ROWS = 1024   # --shuffle chunks on features that do not come from a store: chunks of this size
-
-
-@dataclass
-class Ranks:
-    """This process's place in a fit run by several processes (torchrun sets RANK / WORLD_SIZE)."""
-
-    rank: int = 0
-    world: int = 1
-    owns_group: bool = False            # this fit initialised the process group (and destroys it)
-
-    @classmethod
-    def from_env(cls, device: torch.device) -> "Ranks":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        owns = False
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            owns = True
-        return cls(torch.distributed.get_rank(), torch.distributed.get_world_size(), owns)
-
-    def steps(self, steps: int) -> range:
-        """The steps of an epoch's schedule this process runs: a contiguous 1/world share."""
-        share = steps // self.world
-        return range(self.rank * share, (self.rank + 1) * share)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.owns_group:
-            torch.distributed.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,6 +112,12 @@ def prepare(data: Dataset, cfg: FitConfig, device: torch.device, ranks: Ranks | 
     def bounds(n: int) -> list[int]:  # split n rows into `steps` near-equal, contiguous parts
         return np.linspace(0, n, steps + 1).round().astype(int).tolist()
 
+    if cfg.impute == "predict" and min(np.diff(bounds(n_paired))) < 2:  # only where K processes force K steps
+        raise FitError(
+            f"{data.sources['train']}: {n_paired} training rows have both modalities after the missing protocol, "
+            f"too few for {ranks.world} processes: each of the {steps} batches of an epoch needs at least 2 of "
+            f"them for VICReg; run on at most {max(1, n_paired // 2)} processes, or use --impute mean (or zero)")
+
     order = "chunks" if data.streamed or cfg.shuffle == "chunks" else "global"
     chunk_rows = data.chunk_rows or VIRTUAL_CHUNK_ROWS
     chunk_of = None if split.index is None else split.index // chunk_rows
@@ -168,6 +142,7 @@ def prepare(data: Dataset, cfg: FitConfig, device: torch.device, ranks: Ranks | 
         "device": str(device), "batch_size": int(math.ceil(n_rows / steps)), "steps_per_epoch": steps,
         "dims": data.dims, "n_outputs": data.n_outputs, "task": data.task_type, "classes": data.classes,
         "fingerprint": data.fingerprint, "sources": data.sources, "selection_scenario": scenario,
+        "encoders": data.encoders,  # the training store's full encoder attrs (what `export` bundles)
         "rows": {"train": n_rows, "train_paired": n_paired, "train_without_modality": int((~usable).sum()),
                  "val": len(val), "test": len(data.splits["test"])},
         **resolve_predictors(data, cfg),  # --predictor prompts: which direction uses which
@@ -391,8 +366,7 @@ def fit(cfg: FitConfig, out: str | Path, *, seeds: list[int] | None = None, over
     cfg = replace(cfg, **{k: os.path.abspath(v) for k in ("store", "val_store", "test_store")
                           if (v := getattr(cfg, k)) and "://" not in v})
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FitError(f"{out} already exists; pass --overwrite to replace it")
+    check_output(out, cfg, overwrite)
     device = resolve_device(cfg.device)
     ranks = Ranks.from_env(device)
     try:
@@ -401,6 +375,25 @@ def fit(cfg: FitConfig, out: str | Path, *, seeds: list[int] | None = None, over
         return _fit(cfg, out, seeds, progress, device, ranks, log)
     finally:
         ranks.close()
+
+
+def check_output(out: Path, cfg: FitConfig, overwrite: bool) -> None:
+    """Refuse an --out that would replace or hold an input store, or (with --overwrite) anything but a run."""
+    target = Path(os.path.realpath(out))
+    for flag, url in (("STORE", cfg.store), ("--val-store", cfg.val_store), ("--test-store", cfg.test_store)):
+        if not url or ("://" in url and not url.startswith("file://")):
+            continue
+        store = Path(os.path.realpath(url[len("file://"):] if url.startswith("file://") else url))
+        if target == store or store in target.parents or target in store.parents:
+            where = "is" if target == store else "is inside" if store in target.parents else "contains"
+            raise FitError(f"--out {out} {where} the input store {url} ({flag}); choose another run folder")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise FitError(f"{out} already exists; pass --overwrite to replace it")
+    if not out.is_dir() or not (looks_like_run(out) or not any(out.iterdir())):
+        raise FitError(f"{out} exists and is not an `embcache fit` run folder (no config.json); --overwrite only "
+                       "replaces a run folder (or an empty one): choose another --out or remove it yourself")
 
 
 def should_stream(cfg: FitConfig, device: torch.device, log) -> bool:
@@ -486,10 +479,15 @@ def staged_dir(out: Path):
         yield tmp
         tmp.chmod(0o755)
         old = None
-        if out.exists():  # --overwrite: swap, then delete the old run
+        if out.exists():  # --overwrite (of a run folder, `check_output`): swap, then delete the old run
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:  # put the old run back
+                os.replace(old, out)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -24,7 +24,8 @@ from embcache import datasets as ds
 from embcache.encoders import (DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, Encoder, to_device,
                                load_image_encoder, load_text_encoder)
 from embcache.evaluate import MAIN_METRIC, task_metrics
-from embcache.extract import Collate, SampleSource, resolve_device
+from embcache.extract import Collate, SampleSource
+from embcache.runtime import resolve_device, staged_file
 from embcache.train import task_loss
 
 FORMAT = "embcache.bitfit/1"
@@ -254,18 +255,6 @@ def load_resume_state(cfg: TuneConfig, arguments: dict, log) -> dict | None:
     return None
 
 
-def save_atomic(write, path: str) -> None:
-    """`write(tmp)` then rename: a reader never sees a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_bitfit(path: str, best: dict, encoder: Encoder, cfg: TuneConfig, dataset: ds.Dataset,
                  metric: str) -> None:
     tensors = {f"delta.{n}": d.contiguous() for n, d in best["delta"].items()}
@@ -276,16 +265,15 @@ def write_bitfit(path: str, best: dict, encoder: Encoder, cfg: TuneConfig, datas
                 "preprocess": json.dumps(attrs["preprocess"]), "task": dataset.task,
                 "classes": json.dumps(dataset.classes), "best_epoch": str(best["epoch"]), "metric": metric,
                 "val_metric": json.dumps(best["val"]), "biases_tuned": json.dumps(cfg.tune_biases)}
-    save_atomic(lambda tmp: save_file(tensors, tmp, metadata=metadata), path)
+    with staged_file(path) as tmp:  # a reader never sees a half-written file
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def tune(cfg: TuneConfig, progress: bool = True, log=print) -> TuneReport:
     try:
         dataset = ds.open_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
-    except ds.DatasetError as exc:
+    except ds.DatasetError as exc:  # malformed metadata, or a reader option the reader does not take
         raise TuneError(str(exc)) from exc
-    except TypeError as exc:  # a reader option the reader does not take
-        raise TuneError(f"unknown --option for {cfg.dataset}: {exc}") from exc
     train, val = (usable_rows(dataset, split, cfg.modality) for split in ("train", "val"))
     if not train:
         raise TuneError(f"{cfg.root}: no labeled training row has the {cfg.modality}")
@@ -328,7 +316,8 @@ def tune(cfg: TuneConfig, progress: bool = True, log=print) -> TuneReport:
             f"{'-' if val_value is None else f'{val_value:.4f}'}")
         state = {"arguments": arguments, "epoch": epoch + 1, "tuner": tuner.state(), "best": best,
                  "history": history}
-        save_atomic(lambda tmp: torch.save(state, tmp), state_path(cfg.out))
+        with staged_file(state_path(cfg.out)) as tmp:
+            torch.save(state, tmp)
     if best is None:
         raise TuneError(f"--epochs {cfg.epochs}: nothing to do and no earlier epoch to keep")
     write_bitfit(cfg.out, best, encoder, cfg, dataset, metric)

@@ -3,6 +3,7 @@
 Predictions on raw inputs must equal what eval computes from the cache for the same rows."""
 import json
 import os
+import shutil
 import zipfile
 
 import numpy as np
@@ -95,3 +96,43 @@ def test_bundle_refuses_other_encoder_weights(trained, tmp_path):
         embcache.load(str(tmp / "m.embcache"), image_checkpoint=other)
     with pytest.raises(BundleError, match="not an embcache bundle"):
         embcache.load(str(tmp / "run" / "config.json"))
+
+
+def test_export_takes_the_encoders_the_run_was_trained_on(trained, tmp_path):
+    """Not those of whatever the store at the run's path holds now (re-extracted with another pooling)."""
+    tmp, tiny = trained
+    store, run = tmp_path / "s.zarr", tmp_path / "run"
+    shutil.copytree(tmp / "s.zarr", store)
+    shutil.copytree(tmp / "run", run)
+    config = json.loads((run / "config.json").read_text())
+    recorded = config["resolved"]["encoders"]
+    assert recorded == {m: open_store(str(store)).encoder(m) for m in ("image", "text")}
+
+    def export(config, out):
+        config = {**config, "store": str(store)}
+        (run / "config.json").write_text(json.dumps(config))
+        return CliRunner().invoke(cli, ["export", str(run), "--out", str(out)])
+
+    def bundled(path):
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("bundle.json"))["encoders"]
+
+    old_run = {**config, "resolved": {k: v for k, v in config["resolved"].items() if k != "encoders"}}
+    result = export(old_run, tmp_path / "new" / "old.embcache")  # a run from before fit recorded its encoders
+    assert result.exit_code == 0, result.output
+    assert bundled(tmp_path / "new" / "old.embcache") == recorded  # from the store, still the run's
+
+    extract(ExtractConfig(dataset="manifest", root=DEMO, out=str(store), workers=0, limit=80, text_pooling="cls",
+                          overwrite=True, **tiny), progress=False, log=lambda *_: None)
+    assert open_store(str(store)).encoder("text")["pooling"] == "cls"
+    result = export(config, tmp_path / "new" / "m.embcache")
+    assert result.exit_code == 0, result.output
+    assert bundled(tmp_path / "new" / "m.embcache") == recorded and recorded["text"]["pooling"] == "mean"
+
+    result = export(old_run, tmp_path / "new" / "refused.embcache")
+    assert result.exit_code == 1 and "no longer holds the features" in result.output, result.output
+    assert "text.pooling: 'mean' -> 'cls'" in result.output and "Traceback" not in result.output
+    assert sorted(os.listdir(tmp_path / "new")) == ["m.embcache", "old.embcache"]  # no temp file left
+
+    shutil.rmtree(store)  # the run alone is enough (a store gone, or a partial one with --allow-partial)
+    assert export(config, tmp_path / "new" / "again.embcache").exit_code == 0

@@ -1,6 +1,7 @@
 """`embcache fit` / `eval` on synthetic caches with a known latent structure."""
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,9 @@ from embcache.cli.fit import eval_command, fit_command
 from embcache.evaluate import auroc, f1_scores, load_dataset, r2_score
 from embcache.missing import SCENARIOS, apply_missing
 from embcache.models import FitConfig, FitError
-from embcache.train import fit
+from embcache.runtime import Ranks
+from embcache.store import open_store
+from embcache.train import fit, prepare
 
 SIZES = dict(n_train=1500, n_val=300, n_test=600, d_image=48, d_text=32, shared_dim=12, private_dim=4)
 SMALL = ["--predictor-hidden", "128", "--classifier-hidden", "128", "--quiet"]
@@ -135,7 +138,22 @@ def test_eval_reproduces_metrics_and_prints_table(runs, tmp_path):
     for split in ("val", "test"):
         for scenario in SCENARIOS:
             assert again[split][scenario] == pytest.approx(saved[split][scenario], abs=1e-6)
-    assert invoke(eval_command, [runs["predict", 0.7], "--rate", 0.3]).exit_code == 0
+    # --rate: the missing-* scenarios at 0.3 instead of the run's 0.7; the full scenario does not change.
+    # The JSON goes into a folder that does not exist yet, written atomically (no temp file left).
+    at_03 = tmp_path / "new" / "rate.json"
+    result = invoke(eval_command, [runs["predict", 0.7], "--rate", 0.3, "--json", at_03])
+    assert result.exit_code == 0, result.output
+    assert "test missing rate 0.3" in result.output
+    assert os.listdir(tmp_path / "new") == ["rate.json"]
+    at_03 = json.loads(at_03.read_text())
+    assert at_03["missing"]["test_rate"] == 0.3 and saved["missing"]["test_rate"] == 0.7
+    assert at_03["test"]["full"] == pytest.approx(saved["test"]["full"], abs=1e-6)
+    for scenario in ("missing-image", "missing-text", "missing-both"):
+        assert at_03["test"][scenario] != pytest.approx(saved["test"][scenario], abs=1e-6), scenario
+    # fewer rows lose a modality at 0.3: closer to the full scenario than at 0.7
+    gap = {rate: m["test"]["full"]["f1_macro"] - m["test"]["missing-both"]["f1_macro"]
+           for rate, m in ((0.3, at_03), (0.7, saved))}
+    assert gap[0.3] < gap[0.7], gap
 
 
 @pytest.mark.parametrize("task_type,metric", [("multiclass", "accuracy"), ("binary", "auroc")])
@@ -245,3 +263,45 @@ def test_existing_output_and_failure_midway_leave_nothing_half_written(store, tm
     with pytest.raises(RuntimeError):
         fit(FitConfig(store=store, epochs=1, predictor_hidden=32, classifier_hidden=32), out, progress=False)
     assert os.listdir(tmp_path) == []
+
+
+def test_out_must_not_be_or_hold_an_input_store(tmp_path):
+    url = synthetic.write_store(str(tmp_path / "stores" / "s.zarr"), small_features())
+    before = sorted(p.name for p in (tmp_path / "stores" / "s.zarr").iterdir())
+    for out, where in ((url, "is the input store"), (tmp_path / "stores" / "s.zarr" / "run", "is inside"),
+                       (tmp_path / "stores", "contains")):
+        result = invoke(fit_command, [url, "--out", out, "--overwrite", "--epochs", 1, *SMALL])
+        assert result.exit_code == 1 and where in result.output and "Traceback" not in result.output, result.output
+    other = synthetic.write_store(str(tmp_path / "val.zarr"), small_features())
+    result = invoke(fit_command, [url, "--val-store", other, "--out", other, "--overwrite", *SMALL])
+    assert result.exit_code == 1 and "(--val-store)" in result.output, result.output
+    assert sorted(p.name for p in (tmp_path / "stores" / "s.zarr").iterdir()) == before
+    assert open_store(url).n_rows == open_store(other).n_rows == 300  # both intact
+
+
+def test_overwrite_replaces_only_a_run_folder(tmp_path):
+    url = synthetic.write_store(str(tmp_path / "s.zarr"), small_features())
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    result = invoke(fit_command, [url, "--out", notes, "--overwrite", "--epochs", 1, *SMALL])
+    assert result.exit_code == 1 and "not an `embcache fit` run folder" in result.output, result.output
+    assert (notes / "keep.txt").read_text() == "mine"
+    run = tmp_path / "run"
+    run.mkdir()  # an empty folder may be replaced
+    for _ in range(2):  # ... and so may a run
+        result = invoke(fit_command, [url, "--out", run, "--overwrite", "--epochs", 1, *SMALL])
+        assert result.exit_code == 0, result.output
+        assert (run / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "run", "s.zarr"]  # no temp or old folders
+
+
+def test_too_few_paired_rows_for_the_processes(tmp_path):
+    """K processes force K batches per epoch; each needs 2 rows with both modalities for VICReg."""
+    data = load_dataset(synthetic.write_store(str(tmp_path / "s.zarr"), small_features(n_train=12, n_val=6,
+                                                                                        n_test=6)))
+    cfg = FitConfig(store="s", train_missing_rate=0.0)
+    assert prepare(data, cfg, torch.device("cpu"), Ranks(0, 4)).resolved["steps_per_epoch"] == 4
+    with pytest.raises(FitError, match="12 training rows have both modalities.*too few for 8 processes"):
+        prepare(data, cfg, torch.device("cpu"), Ranks(0, 8))
+    prepare(data, replace(cfg, impute="mean"), torch.device("cpu"), Ranks(0, 8))  # no VICReg: fine

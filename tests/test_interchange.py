@@ -25,20 +25,42 @@ def invoke(command, *args):
     return CliRunner().invoke(command, [str(a) for a in args])
 
 
-def make_store(url, n=23, task="multilabel", chunk_rows=5, seed=0):
-    """A finished store with random embeddings, some absent rows and a partial last chunk."""
+# Hidden states as `extract --cache-layers 2` stores them: (tokens T, width W) per modality; text has a mask.
+HIDDEN = {"image": (5, 3), "text": (7, 4)}
+
+
+def make_store(url, n=23, task="multilabel", chunk_rows=5, seed=0, hidden=False):
+    """A finished store with random embeddings, some absent rows and a partial last chunk.
+
+    hidden: also cached hidden states (`<m>/hidden`, `text/hidden_mask`, encoder attrs `cache_layers` and
+    `hidden_layer_index`), written the way extract writes them (docs/cache-format.md).
+    """
     rng = np.random.default_rng(seed)
     classes = ["a", "b", "c"]
     labels = (rng.integers(0, 2, (n, 3)).astype(np.uint8) if task == "multilabel"
               else rng.integers(-1, 3, n).astype(np.int64))
+    encoders = {m: {**enc, "cache_layers": 2, "hidden_layer_index": 4} if hidden else enc
+                for m, enc in ENCODERS.items()}
     root = st.create_store(url, ids=[f"id-{i}-é" for i in range(n)], split=rng.integers(0, 3, n).astype(np.int8),
                            labels=labels, dataset={"name": "toy", "source": "/data/toy"},
-                           task={"type": task, "classes": classes}, encoders=ENCODERS, reasons=REASONS,
+                           task={"type": task, "classes": classes}, encoders=encoders, reasons=REASONS,
                            chunk_rows=chunk_rows)
     for m, enc in ENCODERS.items():
         present = rng.random(n) > 0.2
         emb = rng.standard_normal((n, enc["dim"])) * present[:, None]
         st.write_rows(root, m, 0, emb, present, np.where(present, 0, 2).astype(np.uint8))
+        if hidden:
+            tokens, width = HIDDEN[m]
+            states = root[m].create_array("hidden", shape=(n, tokens, width), dtype="float16",
+                                          chunks=(chunk_rows, tokens, width), fill_value=0)
+            values = rng.standard_normal((n, tokens, width)) * present[:, None, None]
+            if m == "text":  # real tokens first, zeros after them
+                lengths = rng.integers(1, tokens + 1, n) * present
+                mask = np.arange(tokens)[None, :] < lengths[:, None]
+                root[m].create_array("hidden_mask", shape=(n, tokens), dtype="bool", chunks=(chunk_rows, tokens),
+                                     fill_value=False)[:] = mask
+                values = values * mask[:, :, None]
+            states[:] = values.astype(np.float16)
     for chunk in range(st.n_chunks(n, chunk_rows)):
         st.mark_chunk_done(root, chunk)
     st.mark_complete(root, {"missing_file": 7}, extra={"extract": {"batch_size": 8}})
@@ -60,9 +82,9 @@ def assert_same_store(a_url, b_url):
 
 
 # ------------------------------------------------------------------------------------------------ HDF5
-@pytest.mark.parametrize("task", ["multilabel", "multiclass"])
-def test_hdf5_round_trip_restores_an_identical_store(tmp_path, task):
-    src = make_store(str(tmp_path / "src.zarr"), task=task)
+@pytest.mark.parametrize("task,hidden", [("multilabel", False), ("multiclass", False), ("multilabel", True)])
+def test_hdf5_round_trip_restores_an_identical_store(tmp_path, task, hidden):
+    src = make_store(str(tmp_path / "src.zarr"), task=task, hidden=hidden)
     h5_path, out = tmp_path / "features.h5", tmp_path / "back.zarr"
     result = invoke(export_features_command, src, "--to", h5_path)
     assert result.exit_code == 0, result.output
@@ -70,6 +92,16 @@ def test_hdf5_round_trip_restores_an_identical_store(tmp_path, task):
     assert result.exit_code == 0, result.output
     assert_same_store(src, str(out))
     assert sorted(os.listdir(tmp_path)) == ["back.zarr", "features.h5", "src.zarr"]  # no .partial left
+    back = st.open_store(str(out))
+    assert back.hidden_modalities() == (["image", "text"] if hidden else [])
+    if hidden:  # what `fit --predictor prompts` reads
+        for m in HIDDEN:
+            a, b = st.open_store(src).hidden(m), back.hidden(m)
+            np.testing.assert_array_equal(a[0], b[0])
+            assert (a[1] is None and b[1] is None) or (a[1] == b[1]).all()
+        with h5py.File(h5_path, "r") as h5:
+            assert h5["text/hidden"].shape == (23, *HIDDEN["text"]) and h5["text/hidden_mask"].dtype == bool
+            assert h5["image/hidden"].chunks == (5, *HIDDEN["image"]) and "hidden_mask" not in h5["image"]
 
 
 def test_hdf5_layout_is_readable_without_embcache(tmp_path):
@@ -97,6 +129,8 @@ def test_export_refuses_to_overwrite_and_unfinished_stores(tmp_path):
     assert h5_path.read_text() == "keep me"
     assert invoke(export_features_command, src, "--to", h5_path, "--overwrite").exit_code == 0
     assert h5py.is_hdf5(h5_path)
+    result = invoke(export_features_command, src, "--to", tmp_path / "new" / "f.h5")  # a folder not there yet
+    assert result.exit_code == 0 and os.listdir(tmp_path / "new") == ["f.h5"], result.output
 
     st.create_store(str(tmp_path / "half.zarr"), ids=["x"], split=np.zeros(1), labels=np.zeros(1, np.int64),
                     dataset={"name": "toy"}, task={"type": "multiclass", "classes": ["a"]},

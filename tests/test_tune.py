@@ -233,7 +233,13 @@ def test_command(bert_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "trainable:" in result.output and "best epoch 1, val accuracy" in result.output
     assert metadata(out)["modality"] == "text"
+    help_text = CliRunner().invoke(tune_command, ["--help"]).output
+    options = [line.split()[0] for line in help_text.splitlines() if line.strip().startswith("--")]
+    assert "--text-encoder" in options and not [o for o in options if "bitfit" in o]  # tune starts from the base
     result = CliRunner().invoke(tune_command, args + ["--text-bitfit", out])
-    assert result.exit_code != 0 and "base checkpoint" in result.output
+    assert result.exit_code == 2 and "No such option '--text-bitfit'" in result.output
+    for flag in ("--epochs", "--batch-size"):
+        result = CliRunner().invoke(tune_command, args + [flag, "0"])
+        assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.output, result.output
     result = CliRunner().invoke(tune_command, args + ["--option", "nonsense=1"])
-    assert result.exit_code == 1 and "Error: unknown --option" in result.output
+    assert result.exit_code == 1 and "Error: " in result.output and "'nonsense'" in result.output

@@ -29,12 +29,7 @@ SMALL_ARGS = ["--epochs", "4", "--predictor-hidden", "32", "--classifier-hidden"
 CHUNK = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_chunked(url, features, chunk_rows=CHUNK, done_chunks=None):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import io
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -355,15 +354,6 @@ def apply_bitfit(module: torch.nn.Module, path: str, base_sha: str) -> str:
                                        f"parameter {tuple(params[name].shape)}")
                 params[name].add_(delta.to(params[name].dtype))
     return sha256_file(path)
-
-
-def image_from_bytes(data: bytes):
-    """Decode fully (PIL is lazy); raises OSError/ValueError on a bad file."""
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
 
 
 __all__ = ["Encoder", "EncoderError", "load_image_encoder", "load_text_encoder", "DEFAULT_IMAGE_ENCODER",

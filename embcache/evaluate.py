@@ -190,9 +190,7 @@ def dataset_from_features(features: CachedFeatures, url: str,
             other, other_url = extra[name]
             how = loaded.get(other_url, Loaded())
             check_features(other, other_url, how.store is not None)
-            diffs = fingerprint_diff(fp, _fingerprint(other))
-            if other.task_type != features.task_type or other.classes != features.classes:
-                diffs.append("task or classes differ")
+            diffs = fingerprint_mismatch(fp, _fingerprint(other))
             if diffs:
                 raise FitError(f"{other_url} ({name}) was not made like {url}: {'; '.join(diffs)}")
             splits[name], sources[name] = _split_data(other, None, how.rows, how.store), other_url

@@ -16,7 +16,7 @@ import queue
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -385,8 +385,8 @@ def prepare_store(cfg: ExtractConfig, dataset: ds.Dataset, enc_attrs: dict, log)
         if existing.get("complete"):
             log(f"{cfg.out} is already complete with the same encoders and data: nothing to do")
         else:
-            done = int(st.chunks_done(root).sum())
-            log(f"{cfg.out}: resuming, {done} of {len(st.chunks_done(root))} chunks already written")
+            done = st.chunks_done(root)
+            log(f"{cfg.out}: resuming, {int(done.sum())} of {len(done)} chunks already written")
         return root, bool(existing.get("complete"))
     try:
         root = st.create_store(
@@ -531,7 +531,3 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> ExtractRepo
 def present_counts(root) -> dict[str, int]:
     """Rows per modality that hold an embedding, over the whole store (not only this run's rows)."""
     return {m: int(np.asarray(root[m]["present"][:]).sum()) for m in root.attrs[st.ATTRS_KEY]["modalities"]}
-
-
-def config_dict(cfg: ExtractConfig) -> dict:
-    return asdict(cfg)

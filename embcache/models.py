@@ -186,7 +186,7 @@ class FusionModel(nn.Module):
         The caller puts the rows that have both modalities first, so the slice has a static shape.
         """
         total = torch.zeros((), device=out.logits.device)
-        for name, (src, dst) in DIRECTIONS.items():
+        for name, (_, dst) in DIRECTIONS.items():
             x, y = out.pred[name][:n_paired], out.z[dst][:n_paired]
             if dst in self.expanders:
                 x, y = self.expanders[dst](x), self.expanders[dst](y)

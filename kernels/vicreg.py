@@ -268,7 +268,7 @@ def vicreg_loss(x: torch.Tensor, y: torch.Tensor, sim: float = 25.0, std: float 
     if x.dtype != y.dtype or x.device != y.device:
         raise ValueError("x and y must have the same dtype and device")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float64):
-        raise TypeError(f"unsupported dtype {x.dtype}; use float32 or bfloat16")
+        raise TypeError(f"unsupported dtype {x.dtype}; use float32 or bfloat16 (float64 on the torch path)")
     n, d = x.shape
     if n < 2:
         raise ValueError("VICReg needs at least 2 rows (unbiased variance)")

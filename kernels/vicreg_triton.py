@@ -33,6 +33,7 @@ operands go to the dot as fp32 (exact: bf16 x bf16 products are exact in fp32).
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -385,6 +386,7 @@ def pick_config(n: int, d: int) -> LaunchConfig:
     return LARGE_TILES if min(n, d) >= 1024 else SMALL_TILES
 
 
+@functools.lru_cache(maxsize=16)  # called every forward; depends only on the grid and the device
 def _upper_tiles(n_blocks: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Coordinates (i, j), i <= j, of the upper-triangular tiles of an n_blocks x n_blocks grid."""
     ii, jj = torch.triu_indices(n_blocks, n_blocks)

@@ -308,9 +308,9 @@ def check_room(cfg: ExtractConfig, specs: dict[str, HiddenSpec], n_rows: int, lo
                       for m, s in specs.items())
     log(f"--cache-layers {cfg.cache_layers}: hidden states need up to {human(total)} ({parts}; "
         "uncompressed, text padding compresses away)")
-    if "://" in cfg.out and not cfg.out.startswith("file://"):
+    if st.local_path(cfg.out) is None:
         return  # remote stores: no portable way to ask for free space
-    path = os.path.abspath(cfg.out[len("file://"):] if cfg.out.startswith("file://") else cfg.out)
+    path = os.path.abspath(st.local_path(cfg.out))
     existing = st.read_meta(cfg.out)
     if existing is not None and not cfg.overwrite and existing.get("fingerprint") and os.path.isdir(path):
         done = st.chunks_done(st.open_store(cfg.out, require_complete=False).root)  # a resume needs the rest

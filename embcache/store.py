@@ -41,11 +41,15 @@ def _open_group(url: str, mode: str, storage_options: dict | None = None) -> zar
     return zarr.open_group(url, mode=mode, storage_options=storage_options or None)
 
 
-def _is_nonempty_local_dir(url: str) -> bool:
+def local_path(url: str) -> str | None:
+    """The filesystem path of a plain path or file:// URL; None for other fsspec URLs (remote stores)."""
     path = url[len("file://"):] if url.startswith("file://") else url
-    if "://" in path:
-        return False
-    return os.path.isdir(path) and any(os.scandir(path))
+    return None if "://" in path else path
+
+
+def _is_nonempty_local_dir(url: str) -> bool:
+    path = local_path(url)
+    return path is not None and os.path.isdir(path) and any(os.scandir(path))
 
 
 def read_meta(url: str, storage_options: dict | None = None) -> dict | None:

@@ -41,6 +41,7 @@ from embcache.missing import MODALITIES, apply_missing, scenario_of, scenario_pr
 from embcache.models import FitConfig, FitError, FusionModel
 from embcache.prompts import attach_prompt_predictors, resolve_predictors
 from embcache.runtime import Ranks, looks_like_run, resolve_device
+from embcache.store import local_path
 from embcache.stream import Moments, StreamedBatches, chunk_groups, chunked_order, memory_budget_bytes
 
 MIN_PAIRED_PER_BATCH = 16   # VICReg's variance and covariance need a few rows per batch
@@ -381,9 +382,9 @@ def check_output(out: Path, cfg: FitConfig, overwrite: bool) -> None:
     """Refuse an --out that would replace or hold an input store, or (with --overwrite) anything but a run."""
     target = Path(os.path.realpath(out))
     for flag, url in (("STORE", cfg.store), ("--val-store", cfg.val_store), ("--test-store", cfg.test_store)):
-        if not url or ("://" in url and not url.startswith("file://")):
+        if not url or local_path(url) is None:
             continue
-        store = Path(os.path.realpath(url[len("file://"):] if url.startswith("file://") else url))
+        store = Path(os.path.realpath(local_path(url)))
         if target == store or store in target.parents or target in store.parents:
             where = "is" if target == store else "is inside" if store in target.parents else "contains"
             raise FitError(f"--out {out} {where} the input store {url} ({flag}); choose another run folder")

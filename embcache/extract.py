@@ -464,6 +464,9 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> ExtractRepo
     mine = pending[ranks.rank::ranks.world]  # whole chunks per rank: no two writers share a chunk file
     batches = chunk_batches(meta, mine, batch_size)
     code = {name: i for i, name in enumerate(root["image"].attrs["reasons"])}
+    # The readers' absence reasons as codes, once; per batch only decode failures are added.
+    reader_reasons = {m: np.array([code.get(s.absent.get(m), 0) for s in dataset.samples], dtype=np.uint8)
+                      for m in encoders}
     for enc in encoders.values():
         enc.to(device)
     loader = DataLoader(
@@ -486,11 +489,11 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> ExtractRepo
             for m, pos_key, input_key in (("image", "image_pos", "pixels"), ("text", "text_pos", "tokens")):
                 emb = np.zeros((len(rows), encoders[m].dim), dtype=cfg.dtype)
                 present = np.zeros(len(rows), dtype=bool)
-                reason = np.zeros(len(rows), dtype=np.uint8)
-                for k, row in enumerate(rows):
-                    why = dataset.samples[row].absent.get(m) or (batch["failures"][k] if m == "image" else None)
-                    if why is not None:
-                        reason[k] = code[why]
+                reason = reader_reasons[m][rows]  # fancy indexing: a copy, safe to modify
+                if m == "image":
+                    for k, failure in enumerate(batch["failures"]):
+                        if failure is not None and not reason[k]:
+                            reason[k] = code[failure]
                 pos = batch[pos_key].numpy()
                 spec = hidden.get(m)
                 if len(pos):

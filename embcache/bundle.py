@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from embcache import datasets as ds
 from embcache.encoders import Encoder, load_image_encoder, load_text_encoder, sha256_file
 from embcache.evaluate import fingerprint_mismatch, load_run, predict_logits, seed_dirs, store_fingerprint
-from embcache.extract import read_image
+from embcache.images import DECODE, read_image
 from embcache.models import FitConfig, FusionModel
 from embcache.runtime import resolve_device, staged_file
 from embcache.store import StoreError, open_store
@@ -146,6 +147,13 @@ class Model:
             raise BundleError(f"the {modality} encoder weights found here (sha256 "
                               f"{encoder.attrs['checkpoint_sha256'][:12]}...) are not those the model was trained "
                               f"on ({attrs['checkpoint_sha256'][:12]}...); point {flag} at the original weights")
+        decoded = (attrs.get("preprocess") or {}).get("decode")
+        if modality == "image" and decoded != DECODE:  # stores refuse the mix; a trained model can still run
+            rules = f"under the rules {decoded}" if decoded else "before embcache versioned its decoding rules"
+            warnings.warn(f"the model was trained on images decoded {rules}; this embcache decodes them under "
+                          f"{DECODE} (docs/cache-format.md), so predictions for transparent, EXIF-rotated, "
+                          "animated, CMYK or high-bit-depth images differ from what the model saw; re-extract, "
+                          "fit and export again to match", stacklevel=3)
         return encoder.to(self.device)
 
     # ------------------------------------------------------------------ embedding raw inputs

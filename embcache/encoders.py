@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import torch
 
+from embcache import images
+
 DEFAULT_IMAGE_ENCODER = "timm:efficientnet_lite0"
 DEFAULT_TEXT_ENCODER = "hf:sentence-transformers/all-MiniLM-L6-v2"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -119,19 +121,22 @@ def _fingerprint(backend: str, spec: str, checkpoint_sha: str, preprocess: dict,
 
 
 class ImagePreprocess:
-    """PIL image -> normalised float tensor (C, H, W). A class, so loader workers can pickle it."""
+    """PIL image -> normalised float tensor (C, H, W). A class, so loader workers can pickle it.
+
+    Decoding to RGB follows `embcache.images.to_rgb` (transparency on white, EXIF orientation, first frame,
+    high bit depths scaled), whose versioned name is part of `config` and so of the cache fingerprint."""
 
     def __init__(self, size: int, resize: int, mean, std, interpolation: str = "bicubic"):
         from torchvision import transforms as T
 
         mode = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[interpolation]
         self.config = {"size": size, "resize": resize, "mean": list(mean), "std": list(std),
-                       "interpolation": interpolation, "crop": "center"}
+                       "interpolation": interpolation, "crop": "center", "decode": images.DECODE}
         self.transform = T.Compose([T.Resize(resize, interpolation=mode), T.CenterCrop(size), T.ToTensor(),
                                     T.Normalize(mean, std)])
 
     def __call__(self, image) -> torch.Tensor:
-        return self.transform(image.convert("RGB"))
+        return self.transform(images.to_rgb(image))
 
 
 def efficientnet_lite0_weights() -> str:

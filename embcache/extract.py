@@ -24,15 +24,13 @@ from torch.utils.data import DataLoader
 
 from embcache import datasets as ds
 from embcache import store as st
+from embcache.images import DECODE_REASONS, MAX_IMAGE_PIXELS, read_image  # noqa: F401 - re-exported
 from embcache.runtime import Ranks, resolve_device
 from embcache.encoders import (DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, Encoder, load_image_encoder,
                                load_text_encoder)
 
-# Absence reasons the extractor itself can find (the dataset readers report the others).
-DECODE_REASONS = ("undecodable_image", "truncated_image", "oversized_image")
+# The reason vocabulary every store starts with: the readers' reasons, then decoding's (embcache/images.py).
 BASE_REASONS = ("present", "missing_field", "missing_file", "empty_text", "non_utf8_text") + DECODE_REASONS
-# Larger images are refused before decoding: one would take gigabytes (PIL only refuses above 179M pixels).
-MAX_IMAGE_PIXELS = 64_000_000
 
 
 class ExtractError(ValueError):
@@ -75,24 +73,6 @@ class ExtractReport:
 
 
 # ---------------------------------------------------------------- loading (runs in worker processes)
-
-
-def read_image(path: str, preprocess) -> tuple[torch.Tensor | None, str | None]:
-    """Decode and preprocess one image; on failure return (None, reason) instead of raising."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                return None, "oversized_image"
-            image.load()  # PIL decodes lazily: force it here so a truncated file fails now
-            return preprocess(image), None
-    except Image.DecompressionBombError:
-        return None, "oversized_image"
-    except OSError as exc:
-        return None, "truncated_image" if "truncated" in str(exc).lower() else "undecodable_image"
-    except (ValueError, SyntaxError):  # PIL raises these for some corrupt headers
-        return None, "undecodable_image"
 
 
 class SampleSource(torch.utils.data.Dataset):

@@ -136,3 +136,24 @@ def test_export_takes_the_encoders_the_run_was_trained_on(trained, tmp_path):
 
     shutil.rmtree(store)  # the run alone is enough (a store gone, or a partial one with --allow-partial)
     assert export(config, tmp_path / "new" / "again.embcache").exit_code == 0
+
+
+def test_a_bundle_trained_on_images_decoded_under_other_rules_warns(trained, tmp_path):
+    import warnings
+
+    tmp, _ = trained
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # this embcache's own bundle: no warning
+        embcache.load(str(tmp / "m.embcache"))
+    old = tmp_path / "old.embcache"
+    with zipfile.ZipFile(tmp / "m.embcache") as src, zipfile.ZipFile(old, "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            if name == "bundle.json":
+                manifest = json.loads(data)
+                del manifest["encoders"]["image"]["preprocess"]["decode"]  # a store made before the rules
+                data = json.dumps(manifest).encode()
+            dst.writestr(name, data)
+    with pytest.warns(UserWarning, match="decoded before embcache versioned its decoding rules.*rgb-on-white/1"):
+        model = embcache.load(str(old))
+    assert model.predict(text="still predicts").present == {"image": False, "text": True}

@@ -18,11 +18,17 @@ Launches (forward: 3 or 4, backward: 1), both branches in each launch (``program
 
 Every reduction has a fixed order (no atomics), so results are bitwise reproducible.
 
-Numerics: operands of ``tl.dot`` are bf16 for bf16 inputs (centred in fp32 first, then rounded to
-nearest) and fp32 otherwise (``input_precision`` from the caller). The m x m matrix saved for the
-backward is stored in the operand type. On the Gram route the loss subtracts ``sum_j n2_j^2`` from
-``||G||^2``; ``n2r`` is ``n2`` recomputed from the *rounded* operands so that the subtracted diagonal
-matches the one inside G.
+Numerics: operands of ``tl.dot`` are centred in fp32 first, then rounded to the operand type: bf16
+for bf16 inputs, TF32 for fp32 inputs at ``fp32_precision="tf32"`` (rounded to nearest in the kernel by
+``_round_tf32``, so the dot reads them exactly, whatever the tensor cores do with the low mantissa bits),
+unchanged fp32 at "ieee" / "tf32x3". The m x m matrix saved for the backward is stored rounded the same
+way. On the Gram route the loss subtracts ``sum_j n2_j^2`` from ``||G||^2``; ``n2r`` is ``n2`` recomputed
+from the *rounded* operands so that the subtracted diagonal matches the one inside G (before TF32 was
+rounded here, n2r came from unrounded operands while G used rounded ones: ~1e-3 loss error at
+(256, 768); docs/vicreg-kernel.md).
+
+Devices: every launch runs under ``torch.cuda.device(x.device)`` (``_device_guard``), since Triton
+launches on the *current* CUDA device, not on the one holding the tensors.
 
 Portability: plain pointer arithmetic only (no block pointers / TMA descriptors) and fixed launch
 configs (no autotune), so the same code runs on Triton 3.6 and later and under ``TRITON_INTERPRET=1``.
@@ -65,10 +71,25 @@ def _to_bf16(v, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _to_operand(v, OP_BF16: tl.constexpr, INTERPRET: tl.constexpr):
-    """Round an fp32 tile to the dot operand type (bf16 or fp32)."""
+def _round_tf32(v):
+    """fp32 -> the nearest TF32 value (10 mantissa bits, ties away from zero), still stored as fp32.
+
+    The integer form of ``cvt.rna.tf32.f32``: add half of the 13 dropped bits, then clear them. A dot
+    with ``input_precision="tf32"`` then reads these values exactly, whether the tensor cores round or
+    truncate their inputs (docs/vicreg-kernel.md, "TF32"). Plain integer ops: runs in the interpreter too.
+    """
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x1000) & 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _to_operand(v, OP_BF16: tl.constexpr, OP_TF32: tl.constexpr, INTERPRET: tl.constexpr):
+    """Round an fp32 tile to the dot operand type: bf16, TF32 (kept in fp32) or fp32 unchanged."""
     if OP_BF16:
         v = _as_operand(_to_bf16(v, INTERPRET), INTERPRET)
+    elif OP_TF32:
+        v = _round_tf32(v)
     return v
 
 
@@ -104,7 +125,7 @@ def _sum_all(ptr, count, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _centred_second_moments(z_ptr, mu, cols, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                            OP_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+                            OP_BF16: tl.constexpr, OP_TF32: tl.constexpr, INTERPRET: tl.constexpr):
     """Corrected two-pass moments around the pass-1 mean ``mu``: returns ``(mean, n2, n2r)``.
 
     ``e = sum(z - mu)`` is the rounding error of the pass-1 mean (times N); with large column means
@@ -121,7 +142,7 @@ def _centred_second_moments(z_ptr, mu, cols, N, D, BLOCK_N: tl.constexpr, BLOCK_
         mask = (rows < N)[:, None] & cmask[None, :]
         z = tl.load(z_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         zc = tl.where(mask, z - mu[None, :], 0.0)
-        zr = _to_operand(zc, OP_BF16, INTERPRET).to(tl.float32)
+        zr = _to_operand(zc, OP_BF16, OP_TF32, INTERPRET).to(tl.float32)
         err += tl.sum(zc, axis=0)
         n2 += tl.sum(zc * zc, axis=0)
         n2r += tl.sum(zr * zr, axis=0)
@@ -132,7 +153,7 @@ def _centred_second_moments(z_ptr, mu, cols, N, D, BLOCK_N: tl.constexpr, BLOCK_
 def _column_stats_kernel(x_ptr, y_ptr, stats_ptr, inv_part_ptr, hinge_part_ptr, n2sq_part_ptr,
                          N, D, n_dblocks, inv_nm1, eps, gamma,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         OP_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+                         OP_BF16: tl.constexpr, OP_TF32: tl.constexpr, INTERPRET: tl.constexpr):
     pid = tl.program_id(0)
     cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -161,7 +182,8 @@ def _column_stats_kernel(x_ptr, y_ptr, stats_ptr, inv_part_ptr, hinge_part_ptr, 
         else:
             z_ptr = y_ptr
             mu = sum_y / N
-        mu, n2, n2r = _centred_second_moments(z_ptr, mu, cols, N, D, BLOCK_N, BLOCK_D, OP_BF16, INTERPRET)
+        mu, n2, n2r = _centred_second_moments(z_ptr, mu, cols, N, D, BLOCK_N, BLOCK_D, OP_BF16, OP_TF32,
+                                              INTERPRET)
         row = stats_ptr + b * 3 * D
         tl.store(row + _MU * D + cols, mu, mask=cmask)
         tl.store(row + _N2 * D + cols, n2, mask=cmask)
@@ -177,7 +199,7 @@ def _column_stats_kernel(x_ptr, y_ptr, stats_ptr, inv_part_ptr, hinge_part_ptr, 
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _small_matrix_epilogue(acc, mat_ptr, sumsq_ptr, ti, tj, M, GRAM: tl.constexpr, BM: tl.constexpr,
-                           OP_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+                           OP_BF16: tl.constexpr, OP_TF32: tl.constexpr, INTERPRET: tl.constexpr):
     """Store tile (ti, tj) of the symmetric m x m matrix and its mirror; write its sum of squares.
 
     The sum of squares uses the fp32 accumulator. The stored matrix is only the backward's GEMM
@@ -192,6 +214,8 @@ def _small_matrix_epilogue(acc, mat_ptr, sumsq_ptr, ti, tj, M, GRAM: tl.constexp
     mask = (offs_i < M)[:, None] & (offs_j < M)[None, :]
     if OP_BF16:
         acc = _to_bf16(acc, INTERPRET)
+    elif OP_TF32:  # the backward's dot then reads it exactly, like its other (rounded) operand
+        acc = _round_tf32(acc)
     tl.store(mat_ptr + offs_i[:, None] * M + offs_j[None, :], acc, mask=mask)
     tl.store(mat_ptr + offs_j[None, :] * M + offs_i[:, None], acc, mask=mask)  # mirror tile (tj, ti)
 
@@ -200,8 +224,8 @@ def _small_matrix_epilogue(acc, mat_ptr, sumsq_ptr, ti, tj, M, GRAM: tl.constexp
 def _small_matrix_kernel(x_ptr, y_ptr, stats_ptr, tile_i_ptr, tile_j_ptr, ws_ptr, mat_ptr, sumsq_ptr,
                          N, D, M, K, k_per_split, n_tiles, n_split,
                          GRAM: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                         OP_BF16: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
-                         FUSED_EPILOGUE: tl.constexpr):
+                         OP_BF16: tl.constexpr, OP_TF32: tl.constexpr, INTERPRET: tl.constexpr,
+                         PRECISION: tl.constexpr, FUSED_EPILOGUE: tl.constexpr):
     """Partial ``sum_k A[k, I]^T A[k, J]`` over one K-split, for upper tile ``(I, J)``.
 
     GRAM: ``G[I, J] = sum_k Zc[I, k] Zc[J, k]`` (k over D); else ``M[I, J] = sum_k Zc[k, I] Zc[k, J]``.
@@ -223,18 +247,18 @@ def _small_matrix_kernel(x_ptr, y_ptr, stats_ptr, tile_i_ptr, tile_j_ptr, ws_ptr
         if GRAM:
             a_i = _load_centred(z_ptr, mu_ptr, offs_i, offs_k, N, D)  # (BM, BK)
             a_j = _load_centred(z_ptr, mu_ptr, offs_j, offs_k, N, D)
-            a_i = _to_operand(a_i, OP_BF16, INTERPRET)
-            a_j = _to_operand(a_j, OP_BF16, INTERPRET)
+            a_i = _to_operand(a_i, OP_BF16, OP_TF32, INTERPRET)
+            a_j = _to_operand(a_j, OP_BF16, OP_TF32, INTERPRET)
             acc = tl.dot(a_i, tl.trans(a_j), acc, input_precision=PRECISION)
         else:
             a_i = _load_centred(z_ptr, mu_ptr, offs_k, offs_i, N, D)  # (BK, BM)
             a_j = _load_centred(z_ptr, mu_ptr, offs_k, offs_j, N, D)
-            a_i = _to_operand(a_i, OP_BF16, INTERPRET)
-            a_j = _to_operand(a_j, OP_BF16, INTERPRET)
+            a_i = _to_operand(a_i, OP_BF16, OP_TF32, INTERPRET)
+            a_j = _to_operand(a_j, OP_BF16, OP_TF32, INTERPRET)
             acc = tl.dot(tl.trans(a_i), a_j, acc, input_precision=PRECISION)
     if FUSED_EPILOGUE:  # a single split: finish here, no workspace round trip
         _small_matrix_epilogue(acc, mat_ptr + b * M * M, sumsq_ptr + b * n_tiles + t, ti, tj, M, GRAM, BM,
-                               OP_BF16, INTERPRET)
+                               OP_BF16, OP_TF32, INTERPRET)
     else:
         r = tl.arange(0, BM)
         tile_ptr = ws_ptr + ((b * n_split + s) * n_tiles + t) * BM * BM
@@ -244,7 +268,7 @@ def _small_matrix_kernel(x_ptr, y_ptr, stats_ptr, tile_i_ptr, tile_j_ptr, ws_ptr
 @triton.jit
 def _splitk_reduce_kernel(ws_ptr, tile_i_ptr, tile_j_ptr, mat_ptr, sumsq_ptr, M, n_tiles, n_split,
                           GRAM: tl.constexpr, BM: tl.constexpr, OP_BF16: tl.constexpr,
-                          INTERPRET: tl.constexpr):
+                          OP_TF32: tl.constexpr, INTERPRET: tl.constexpr):
     t = tl.program_id(0)
     b = tl.program_id(1)
     r = tl.arange(0, BM)
@@ -255,7 +279,7 @@ def _splitk_reduce_kernel(ws_ptr, tile_i_ptr, tile_j_ptr, mat_ptr, sumsq_ptr, M,
     ti = tl.load(tile_i_ptr + t)
     tj = tl.load(tile_j_ptr + t)
     _small_matrix_epilogue(acc, mat_ptr + b * M * M, sumsq_ptr + b * n_tiles + t, ti, tj, M, GRAM, BM,
-                           OP_BF16, INTERPRET)
+                           OP_BF16, OP_TF32, INTERPRET)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +303,8 @@ def _finalize_kernel(loss_ptr, inv_part_ptr, hinge_part_ptr, n2sq_part_ptr, sums
 def _grad_kernel(x_ptr, y_ptr, stats_ptr, mat_ptr, grad_loss_ptr, dx_ptr, dy_ptr,
                  N, D, M, first_branch, inv_nm1, eps, gamma, d_inv, d_var, d_cov,
                  GRAM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 OP_BF16: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+                 OP_BF16: tl.constexpr, OP_TF32: tl.constexpr, INTERPRET: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """``dZ[I, J]`` for branch b: ``T = G Zc`` (k over N) or ``T = Zc M_off`` (k over D), then
 
     ``dZ = g * (sign d_inv (x - y) - d_var a/sigma Zc + d_cov (T - [GRAM] Zc n2r))``.
@@ -301,7 +326,7 @@ def _grad_kernel(x_ptr, y_ptr, stats_ptr, mat_ptr, grad_loss_ptr, dx_ptr, dy_ptr
             g_mask = (rows < N)[:, None] & (ks < N)[None, :]
             g_tile = tl.load(mat + rows[:, None] * M + ks[None, :], mask=g_mask, other=0.0)
             zc_tile = _load_centred(z_ptr, stats + _MU * D, ks, cols, N, D)
-            acc = tl.dot(_as_operand(g_tile, INTERPRET), _to_operand(zc_tile, OP_BF16, INTERPRET),
+            acc = tl.dot(_as_operand(g_tile, INTERPRET), _to_operand(zc_tile, OP_BF16, OP_TF32, INTERPRET),
                          acc, input_precision=PRECISION)
     else:
         for k0 in range(0, D, BK):
@@ -309,7 +334,7 @@ def _grad_kernel(x_ptr, y_ptr, stats_ptr, mat_ptr, grad_loss_ptr, dx_ptr, dy_ptr
             zc_tile = _load_centred(z_ptr, stats + _MU * D, rows, ks, N, D)
             m_mask = (ks < D)[:, None] & (cols < D)[None, :]
             m_tile = tl.load(mat + ks[:, None] * M + cols[None, :], mask=m_mask, other=0.0)
-            acc = tl.dot(_to_operand(zc_tile, OP_BF16, INTERPRET), _as_operand(m_tile, INTERPRET),
+            acc = tl.dot(_to_operand(zc_tile, OP_BF16, OP_TF32, INTERPRET), _as_operand(m_tile, INTERPRET),
                          acc, input_precision=PRECISION)
 
     # Epilogue: invariance + variance terms, diagonal correction, upstream gradient, store.
@@ -326,7 +351,7 @@ def _grad_kernel(x_ptr, y_ptr, stats_ptr, mat_ptr, grad_loss_ptr, dx_ptr, dy_ptr
     cov_term = acc
     if GRAM:  # T - Zc diag(n2), in the rounded operands that T was computed from
         n2r = tl.load(stats + _N2R * D + cols, mask=cmask, other=0.0)
-        cov_term = acc - _to_operand(zc, OP_BF16, INTERPRET).to(tl.float32) * n2r[None, :]
+        cov_term = acc - _to_operand(zc, OP_BF16, OP_TF32, INTERPRET).to(tl.float32) * n2r[None, :]
     sign = tl.where(b == 0, 1.0, -1.0)
     g = tl.load(grad_loss_ptr).to(tl.float32)
     dz = g * (sign * d_inv * (xv - yv) - var_coef[None, :] * zc + d_cov * cov_term)
@@ -352,6 +377,17 @@ def poisoned_outputs():
         yield
     finally:
         _poison = previous
+
+
+def _device_guard(device: torch.device):
+    """Make ``device`` the current CUDA device for the launches inside (a no-op off CUDA).
+
+    Triton launches on the current device and stream, not on the device of the tensors it is given, so
+    without this guard a tensor on ``cuda:1`` would be read by a kernel running on ``cuda:0``.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()  # CPU tensors under the interpreter
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -431,11 +467,26 @@ class TritonBackend:
 
     def _dot_args(self, dtype: torch.dtype) -> dict:
         op_bf16 = dtype == torch.bfloat16
+        # fp32 inputs at "tf32": every dot operand is rounded to TF32 in the kernel first, so the squared
+        # norms subtracted on the Gram route come from the same values the tensor cores multiply.
+        op_tf32 = not op_bf16 and self.fp32_precision == "tf32"
         # bf16 operands keep tl.dot's default precision ("tf32"; only fp32 operands look at it).
-        return dict(OP_BF16=op_bf16, INTERPRET=INTERPRET, PRECISION="tf32" if op_bf16 else self.fp32_precision)
+        return dict(OP_BF16=op_bf16, OP_TF32=op_tf32, INTERPRET=INTERPRET,
+                    PRECISION="tf32" if op_bf16 else self.fp32_precision)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, k: VICRegCoefficients):
         _check_inputs(x)
+        with _device_guard(x.device):  # every launch below runs on x's device
+            return self._forward(x, y, k)
+
+    def backward(self, grad_loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor, saved,
+                 k: VICRegCoefficients, need_x: bool = True, need_y: bool = True):
+        if not (need_x or need_y):
+            return None, None
+        with _device_guard(x.device):
+            return self._backward(grad_loss, x, y, saved, k, need_x, need_y)
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor, k: VICRegCoefficients):
         x, y = x.contiguous(), y.contiguous()
         n, d = x.shape
         dev = x.device
@@ -452,7 +503,7 @@ class TritonBackend:
         _column_stats_kernel[(n_dblocks,)](
             x, y, stats, inv_part, hinge_part, n2sq_part, n, d, n_dblocks, k.inv_nm1, k.eps, k.gamma,
             BLOCK_N=cfg.stats_block_n, BLOCK_D=cfg.stats_block_d, OP_BF16=dot["OP_BF16"],
-            INTERPRET=INTERPRET, num_warps=4)
+            OP_TF32=dot["OP_TF32"], INTERPRET=INTERPRET, num_warps=4)
 
         bm, bk = cfg.syrk_bm, cfg.syrk_bk
         tile_i, tile_j = _upper_tiles(triton.cdiv(m, bm), dev)
@@ -472,17 +523,14 @@ class TritonBackend:
         if not fused:
             _splitk_reduce_kernel[(n_tiles, 2)](
                 ws, tile_i, tile_j, mat, sumsq, m, n_tiles, n_split, GRAM=gram, BM=bm,
-                OP_BF16=dot["OP_BF16"], INTERPRET=INTERPRET, num_warps=cfg.num_warps)
+                OP_BF16=dot["OP_BF16"], OP_TF32=dot["OP_TF32"], INTERPRET=INTERPRET, num_warps=cfg.num_warps)
 
         loss = _alloc((), torch.float32, dev)
         _finalize_kernel[(1,)](loss, inv_part, hinge_part, n2sq_part, sumsq, n_dblocks, n_tiles,
                                k.inv_scale, k.var_scale, k.cov_scale, GRAM=gram, BLOCK=cfg.reduce_block)
         return loss, (stats, mat)
 
-    def backward(self, grad_loss: torch.Tensor, x: torch.Tensor, y: torch.Tensor, saved,
-                 k: VICRegCoefficients, need_x: bool = True, need_y: bool = True):
-        if not (need_x or need_y):
-            return None, None
+    def _backward(self, grad_loss, x, y, saved, k: VICRegCoefficients, need_x: bool, need_y: bool):
         stats, mat = saved
         x, y = x.contiguous(), y.contiguous()
         n, d = x.shape

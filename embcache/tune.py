@@ -1,7 +1,10 @@
 """`embcache tune`: BitFit, i.e. adapt one frozen encoder to the task by training only its bias terms.
 
 Each encoder is tuned alone, on the training rows that have its modality (no pairs needed), with a temporary
-linear head on its pooled embedding and the task loss. Every parameter but the biases stays frozen, and so do
+linear head on its pooled embedding and the task loss. "Have" is under the missing-modality protocol that `fit`
+trains with (embcache/missing.py, the same rate, type and seed, defaults those of `FitConfig`): a row the protocol
+takes the modality from is not seen by the encoder, in `tune` as in `fit`. Validation rows follow the scenario
+`fit` selects its best epoch on (test rate and type). Every parameter but the biases stays frozen, and so do
 the normalisation statistics (BatchNorm runs in eval mode). The result is a small file of bias deltas
 (docs/bitfit-format.md) that `embcache extract --image-bitfit/--text-bitfit` adds to the same base checkpoint.
 
@@ -14,8 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
@@ -25,12 +29,18 @@ from embcache.encoders import (DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, Enco
                                load_image_encoder, load_text_encoder)
 from embcache.evaluate import MAIN_METRIC, task_metrics
 from embcache.extract import Collate, SampleSource
+from embcache.missing import MISSING_TYPES, MODALITIES, apply_missing, scenario_of, scenario_present
+from embcache.models import FitConfig
 from embcache.runtime import resolve_device, staged_file
 from embcache.train import task_loss
 
 FORMAT = "embcache.bitfit/1"
 # Batch keys of `extract.Collate` per modality: (positions of the rows that have it, the encoder's input).
 INPUTS = {"image": ("image_pos", "pixels"), "text": ("text_pos", "tokens")}
+# The missing-modality protocol's defaults are fit's, read from its config (one source for both commands).
+FIT_DEFAULTS = {f.name: f.default for f in fields(FitConfig)}
+PROTOCOL_FIELDS = ("train_missing_rate", "train_missing_type", "test_missing_rate", "test_missing_type",
+                   "missing_seed")
 
 
 class TuneError(ValueError):
@@ -57,6 +67,13 @@ class TuneConfig:
     seed: int = 0
     resume: bool | None = None         # None: resume when a state made with the same arguments exists
     tune_biases: bool = True           # False: train the head alone on the frozen encoder (a linear probe)
+    # missing-modality protocol (embcache/missing.py), as `fit` applies it: train rows keep the modality under
+    # (train rate, train type, seed), val rows under fit's selection scenario (test rate, test type, seed)
+    train_missing_rate: float = FIT_DEFAULTS["train_missing_rate"]
+    train_missing_type: str = FIT_DEFAULTS["train_missing_type"]
+    test_missing_rate: float = FIT_DEFAULTS["test_missing_rate"]
+    test_missing_type: str = FIT_DEFAULTS["test_missing_type"]
+    missing_seed: int = FIT_DEFAULTS["missing_seed"]
     dataset_options: dict = field(default_factory=dict)
 
 
@@ -72,6 +89,7 @@ class TuneReport:
     best_epoch: int
     best_val: float | None
     unreadable: int                    # rows skipped in the last epoch because their image did not decode
+    rows: dict                         # train / val: rows tuned and validated on (after the missing protocol)
     encoder: Encoder                   # the tuned encoder (best epoch), frozen again, ready to `encode`
 
 
@@ -115,6 +133,37 @@ def usable_rows(dataset: ds.Dataset, split: str, modality: str) -> list[ds.Sampl
     """The split's rows that have the modality and a label (-1 = unlabeled in single-label tasks)."""
     return [s for s in dataset.samples if s.split == split and getattr(s, modality) is not None
             and (dataset.task == "multilabel" or s.label >= 0)]
+
+
+def check_protocol(cfg: TuneConfig) -> None:
+    for name in ("train_missing_type", "test_missing_type"):
+        if getattr(cfg, name) not in MISSING_TYPES:
+            raise TuneError(f"{name} must be one of {MISSING_TYPES}, got {getattr(cfg, name)!r}")
+    for name in ("train_missing_rate", "test_missing_rate"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise TuneError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+
+
+def protocol(cfg: TuneConfig) -> dict:
+    """The missing-modality protocol of the run (recorded in the BitFit file and the resume state)."""
+    return {**{name: getattr(cfg, name) for name in PROTOCOL_FIELDS},
+            "val_scenario": scenario_of(cfg.test_missing_type, cfg.test_missing_rate)}
+
+
+def protocol_rows(dataset: ds.Dataset, split: str, cfg: TuneConfig) -> list[ds.Sample]:
+    """`usable_rows` minus the rows the missing protocol takes the modality from: on `train` the training
+    protocol, on `val` fit's selection scenario. Presence is what the reader found (an image that will not decode
+    counts as present here, while `fit` sees it absent: such rows are rare and skipped when they fail to load)."""
+    rows = [s for s in dataset.samples if s.split == split]
+    ids = [s.id for s in rows]
+    present = {m: np.array([getattr(s, m) is not None for s in rows], dtype=bool) for m in MODALITIES}
+    if split == "train":
+        has = apply_missing(ids, present, cfg.train_missing_rate, cfg.train_missing_type, cfg.missing_seed)
+    else:
+        scenario = scenario_of(cfg.test_missing_type, cfg.test_missing_rate)
+        has = scenario_present(ids, present, scenario, cfg.test_missing_rate, cfg.missing_seed)
+    kept = {id(s) for s, keep in zip(rows, has[cfg.modality]) if keep}
+    return [s for s in usable_rows(dataset, split, cfg.modality) if id(s) in kept]
 
 
 def targets(samples: list[ds.Sample], task: str, n_classes: int) -> torch.Tensor:
@@ -235,7 +284,8 @@ def run_arguments(cfg: TuneConfig, encoder: Encoder) -> dict:
             "modality": cfg.modality, "encoder": encoder.attrs["model"],
             "checkpoint_sha256": encoder.attrs["checkpoint_sha256"], "preprocess": encoder.attrs["preprocess"],
             "pooling": encoder.attrs["pooling"], "lr": cfg.lr, "head_lr": cfg.head_lr,
-            "batch_size": cfg.batch_size, "seed": cfg.seed, "tune_biases": cfg.tune_biases}
+            "batch_size": cfg.batch_size, "seed": cfg.seed, "tune_biases": cfg.tune_biases,
+            "missing_protocol": protocol(cfg)}
 
 
 def load_resume_state(cfg: TuneConfig, arguments: dict, log) -> dict | None:
@@ -256,7 +306,7 @@ def load_resume_state(cfg: TuneConfig, arguments: dict, log) -> dict | None:
 
 
 def write_bitfit(path: str, best: dict, encoder: Encoder, cfg: TuneConfig, dataset: ds.Dataset,
-                 metric: str) -> None:
+                 metric: str, rows: dict) -> None:
     tensors = {f"delta.{n}": d.contiguous() for n, d in best["delta"].items()}
     tensors.update({f"head.{k}": v.contiguous() for k, v in best["head"].items()})
     attrs = encoder.attrs
@@ -264,21 +314,27 @@ def write_bitfit(path: str, best: dict, encoder: Encoder, cfg: TuneConfig, datas
                 "modality": cfg.modality, "encoder": attrs["model"], "pooling": attrs["pooling"],
                 "preprocess": json.dumps(attrs["preprocess"]), "task": dataset.task,
                 "classes": json.dumps(dataset.classes), "best_epoch": str(best["epoch"]), "metric": metric,
-                "val_metric": json.dumps(best["val"]), "biases_tuned": json.dumps(cfg.tune_biases)}
+                "val_metric": json.dumps(best["val"]), "biases_tuned": json.dumps(cfg.tune_biases),
+                "missing_protocol": json.dumps(protocol(cfg)), "rows": json.dumps(rows)}
     with staged_file(path) as tmp:  # a reader never sees a half-written file
         save_file(tensors, tmp, metadata=metadata)
 
 
 def tune(cfg: TuneConfig, progress: bool = True, log=print) -> TuneReport:
+    check_protocol(cfg)
     try:
         dataset = ds.open_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
     except ds.DatasetError as exc:  # malformed metadata, or a reader option the reader does not take
         raise TuneError(str(exc)) from exc
-    train, val = (usable_rows(dataset, split, cfg.modality) for split in ("train", "val"))
+    train, val = (protocol_rows(dataset, split, cfg) for split in ("train", "val"))
+    where = (f"after the missing protocol (rate {cfg.train_missing_rate}, type {cfg.train_missing_type}, "
+             f"seed {cfg.missing_seed})")
     if not train:
-        raise TuneError(f"{cfg.root}: no labeled training row has the {cfg.modality}")
+        raise TuneError(f"{cfg.root}: no labeled training row has the {cfg.modality} {where}"
+                        + ("; lower --train-missing-rate" if usable_rows(dataset, "train", cfg.modality) else ""))
     if not val:
-        log("no labeled validation row has the modality: the last epoch is kept")
+        log(f"no labeled validation row has the {cfg.modality} under the selection scenario "
+            f"{protocol(cfg)['val_scenario']}: the last epoch is kept")
     task, n_classes, metric = dataset.task, len(dataset.classes), MAIN_METRIC[dataset.task]
     encoder = load_encoder(cfg)
     device = resolve_device(cfg.device)
@@ -287,7 +343,8 @@ def tune(cfg: TuneConfig, progress: bool = True, log=print) -> TuneReport:
     total = sum(p.numel() for p in encoder.module.parameters())
     head = sum(p.numel() for p in tuner.head.parameters())
     log(f"trainable: {trainable:,} of {total:,} encoder parameters ({100 * trainable / total:.3f}%), "
-        f"plus the head's {head:,}; {len(train)} training and {len(val)} validation rows")
+        f"plus the head's {head:,}; {len(train)} training rows have the {cfg.modality} {where}, "
+        f"{len(val)} validation rows under {protocol(cfg)['val_scenario']} at rate {cfg.test_missing_rate}")
 
     arguments = run_arguments(cfg, encoder)
     state = load_resume_state(cfg, arguments, log)
@@ -320,6 +377,7 @@ def tune(cfg: TuneConfig, progress: bool = True, log=print) -> TuneReport:
             torch.save(state, tmp)
     if best is None:
         raise TuneError(f"--epochs {cfg.epochs}: nothing to do and no earlier epoch to keep")
-    write_bitfit(cfg.out, best, encoder, cfg, dataset, metric)
+    rows = {"train": len(train), "val": len(val)}
+    write_bitfit(cfg.out, best, encoder, cfg, dataset, metric, rows)
     return TuneReport(cfg.out, trainable, total, head, start, history, metric, best["epoch"], best["val"],
-                      unreadable, tuner.keep(best))
+                      unreadable, rows, tuner.keep(best))

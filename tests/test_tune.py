@@ -8,8 +8,12 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors import safe_open
 
+from embcache import datasets as ds
 from embcache import encoders as enc
+from embcache import tune as tune_module
 from embcache.cli.tune import tune_command
+from embcache.missing import apply_missing, scenario_of
+from embcache.models import FitConfig
 from embcache.tune import TuneConfig, TuneError, enable_checkpointing, is_bias, set_training, state_path, tune
 from tiny_encoders import register_tiny_open_clip, tiny_bert_dir, tiny_timm_checkpoint
 
@@ -31,8 +35,8 @@ def timm_ckpt(tmp_path_factory):
 
 
 def text_config(bert_dir, out, **kw) -> TuneConfig:
-    return TuneConfig(dataset="manifest", root=MANIFEST, modality="text", out=str(out), text_encoder=f"hf:{bert_dir}",
-                      workers=0, **{"epochs": 2, "lr": 1e-2, "batch_size": 2, **kw})
+    return TuneConfig(dataset="manifest", root=kw.pop("root", MANIFEST), modality="text", out=str(out),
+                      text_encoder=f"hf:{bert_dir}", workers=0, **{"epochs": 2, "lr": 1e-2, "batch_size": 2, **kw})
 
 
 def image_config(timm_ckpt, out, **kw) -> TuneConfig:
@@ -156,13 +160,103 @@ def test_the_file_records_where_it_comes_from(bert_dir, tmp_path):
 
 
 def test_a_delta_on_another_checkpoint_is_refused(timm_ckpt, tmp_path):
-    report = tune(image_config(timm_ckpt, tmp_path / "d.safetensors", epochs=1), **QUIET)
+    # Protocol off, so that both broken images are among the rows tuned on.
+    report = tune(image_config(timm_ckpt, tmp_path / "d.safetensors", epochs=1, train_missing_rate=0.0,
+                               test_missing_rate=0.0), **QUIET)
     assert report.unreadable == 2  # pizza_1 (random bytes), sushi_2 (empty): skipped, not fatal
     other = torch.load(timm_ckpt, weights_only=True)
     other["conv_stem.weight"] = other["conv_stem.weight"] * 2
     torch.save(other, tmp_path / "other.pth")
     with pytest.raises(enc.EncoderError, match="tuned on checkpoint"):
         enc.load_image_encoder("timm:test_efficientnet", str(tmp_path / "other.pth"), bitfit=report.out)
+
+
+# ---------------------------------------------------------------- the missing-modality protocol
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "data", "demo", "manifest.jsonl")
+
+
+def kept_ids(root, split, modality, rate, kind, seed) -> list[str]:
+    """The labeled rows of `split` that keep `modality` under apply_missing, computed here from the reader."""
+    rows = [s for s in ds.open_dataset("manifest", root).samples if s.split == split]
+    present = {m: np.array([getattr(s, m) is not None for s in rows]) for m in ("image", "text")}
+    has = apply_missing([s.id for s in rows], present, rate, kind, seed)[modality]
+    return sorted(s.id for s, keep in zip(rows, has) if keep and s.label >= 0)
+
+
+def record_samples(monkeypatch) -> list[list[str]]:
+    """Per SampleSource tune builds (one per training epoch, one per validation pass): the ids it loads."""
+    seen = []
+
+    class Recording(tune_module.SampleSource):
+        def __init__(self, samples, *args, **kwargs):
+            super().__init__(samples, *args, **kwargs)
+            self.ids = []
+            seen.append(self.ids)
+
+        def __getitem__(self, index):
+            self.ids.append(self.samples[index].id)
+            return super().__getitem__(index)
+
+    monkeypatch.setattr(tune_module, "SampleSource", Recording)
+    return seen
+
+
+def test_defaults_are_fits():
+    fit_defaults = FitConfig()
+    tune_defaults = TuneConfig(dataset="manifest", root=DEMO, modality="text", out="x")
+    for name in tune_module.PROTOCOL_FIELDS:
+        assert getattr(tune_defaults, name) == getattr(fit_defaults, name)
+    assert (tune_defaults.train_missing_rate, tune_defaults.train_missing_type) == (0.7, "both")
+
+
+@pytest.mark.parametrize("rate,kind,seed,val_rate,val_kind", [
+    (0.7, "both", 0, 0.7, "both"),      # the defaults: fit's protocol and selection scenario
+    (0.4, "text", 3, 0.5, "text"),
+    (0.0, "both", 0, 0.0, "both"),      # protocol off: every row with a text
+])
+def test_tune_sees_exactly_the_rows_the_protocol_keeps(bert_dir, tmp_path, monkeypatch, rate, kind, seed,
+                                                       val_rate, val_kind):
+    seen = record_samples(monkeypatch)
+    cfg = text_config(bert_dir, tmp_path / "p.safetensors", root=DEMO, epochs=1, batch_size=64,
+                      train_missing_rate=rate, train_missing_type=kind, missing_seed=seed,
+                      test_missing_rate=val_rate, test_missing_type=val_kind)
+    report = tune(cfg, **QUIET)
+    train, val = seen  # one training epoch, one validation pass
+    expected_train = kept_ids(DEMO, "train", "text", rate, kind, seed)
+    expected_val = kept_ids(DEMO, "val", "text", val_rate, val_kind, seed)
+    assert sorted(train) == expected_train and sorted(val) == expected_val  # each row once, no other row
+    assert report.rows == {"train": len(expected_train), "val": len(expected_val)}
+    if rate:
+        assert len(expected_train) < 200 and len(expected_val) < 50  # the demo's rows all have a text
+    meta = metadata(report.out)
+    assert json.loads(meta["missing_protocol"]) == {
+        "train_missing_rate": rate, "train_missing_type": kind, "test_missing_rate": val_rate,
+        "test_missing_type": val_kind, "missing_seed": seed, "val_scenario": scenario_of(val_kind, val_rate)}
+    assert json.loads(meta["rows"]) == report.rows
+
+
+def test_the_protocol_never_takes_a_rows_only_modality(bert_dir, tmp_path, monkeypatch):
+    """Fixture row m06 has a text and no image: the text stays even at rate 1 (apply_missing's rule)."""
+    seen = record_samples(monkeypatch)
+    report = tune(text_config(bert_dir, tmp_path / "o.safetensors", epochs=1, train_missing_rate=1.0,
+                              train_missing_type="text"), **QUIET)
+    only_text = [s.id for s in ds.open_dataset("manifest", MANIFEST).samples
+                 if s.split == "train" and s.image is None and s.text is not None]
+    assert only_text and sorted(seen[0]) == sorted(only_text) and report.rows["train"] == len(only_text)
+    with pytest.raises(TuneError, match="no labeled training row has the text after the missing protocol.*lower"):
+        tune(text_config(bert_dir, tmp_path / "d.safetensors", root=DEMO, train_missing_rate=1.0,
+                         train_missing_type="text"), **QUIET)  # every demo row has both: all lose the text
+    with pytest.raises(TuneError, match="train_missing_type"):
+        tune(text_config(bert_dir, tmp_path / "x.safetensors", train_missing_type="audio"), **QUIET)
+
+
+def test_a_state_made_under_another_protocol_is_not_resumed(bert_dir, tmp_path):
+    out = tmp_path / "r.safetensors"
+    tune(text_config(bert_dir, out, epochs=1), **QUIET)
+    lines = []
+    again = tune(text_config(bert_dir, out, epochs=1, missing_seed=1), progress=False, log=lines.append)
+    assert again.start_epoch == 0 and any("other arguments" in line and "missing_protocol" in line for line in lines)
 
 
 # ---------------------------------------------------------------- resume
@@ -243,3 +337,11 @@ def test_command(bert_dir, tmp_path):
         assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.output, result.output
     result = CliRunner().invoke(tune_command, args + ["--option", "nonsense=1"])
     assert result.exit_code == 1 and "Error: " in result.output and "'nonsense'" in result.output
+    result = CliRunner().invoke(tune_command, args + ["--train-missing-rate", "0.3", "--train-missing-type", "text",
+                                                      "--test-missing-rate", "0", "--missing-seed", "5"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(metadata(out)["missing_protocol"]) == {
+        "train_missing_rate": 0.3, "train_missing_type": "text", "test_missing_rate": 0.0,
+        "test_missing_type": "both", "missing_seed": 5, "val_scenario": "full"}
+    result = CliRunner().invoke(tune_command, args + ["--train-missing-rate", "1.5"])
+    assert result.exit_code == 2 and "Invalid value for '--train-missing-rate'" in result.output

@@ -41,3 +41,14 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+# Rebuild data/icons (real image + text benchmark) from the npm and PyPI registries: see data/icons/README.md.
+# cairosvg is installed into the venv for this build only; it is not a dependency of embcache.
+ICONS_PKG ?= @phosphor-icons/core@2.1.1
+CAIROSVG  ?= cairosvg==2.9.1
+.PHONY: icons
+icons: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check '$(CAIROSVG)'
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+		(cd "$$tmp" && npm pack --silent '$(ICONS_PKG)' >/dev/null && tar xzf *.tgz) && \
+		$(PY) data/make_icons.py "$$tmp/package" --out data/icons

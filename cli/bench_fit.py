@@ -27,6 +27,10 @@ from embcache.models import IMPUTE_MODES, PREDICTORS, FitError
 @click.option("--prompts", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--cache-layers", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--tokens", type=click.IntRange(1), default=64, show_default=True, help="Text tokens per row (T).")
+@click.option("--vicreg-backend", type=click.Choice(["auto", "triton", "torch"]), default=None,
+              help="VICReg loss backend of the fit (default: FitConfig's, auto). triton: no fallback.")
+@click.option("--vicreg-precision", type=click.Choice(["ieee", "tf32", "tf32x3"]), default=None,
+              help="tl.dot precision for fp32 inputs on the Triton path (default: FitConfig's).")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the figures here.")
 @user_errors(FitError)
 def fit_bench_command(compile_, json_path, **kw):

@@ -8,6 +8,7 @@ warm-up, times the number of steps of the run; the ratio fit / compute is the lo
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import replace
 
@@ -15,7 +16,8 @@ import torch
 
 from embcache import synthetic
 from embcache.evaluate import dataset_from_features
-from embcache.models import FitConfig
+from embcache.kernels import vicreg as vicreg_kernels
+from embcache.models import FitConfig, FitError
 from embcache.runtime import resolve_device
 from embcache.train import batch_loss, make_model, prepare, train
 
@@ -55,13 +57,33 @@ def pure_step_seconds(data, prep, cfg: FitConfig, *, warmup: int = 3, windows: i
     return min(walls), (time.process_time() - cpu_start) / (windows * steps)
 
 
+def vicreg_settings(vicreg_backend: str | None, vicreg_precision: str | None) -> dict:
+    """FitConfig fields for the VICReg backend flags (issue 12 item 1 adds `vicreg_backend` and
+    `vicreg_precision` to FitConfig); None leaves FitConfig's default."""
+    wanted = {"vicreg_backend": vicreg_backend, "vicreg_precision": vicreg_precision}
+    wanted = {k: v for k, v in wanted.items() if v is not None}
+    have = {f.name for f in dataclasses.fields(FitConfig)}
+    missing = sorted(set(wanted) - have)
+    if missing:
+        raise FitError(f"this version of FitConfig has no {', '.join(missing)} field: fit cannot choose the "
+                       "VICReg backend yet")
+    return wanted
+
+
 def run_fit_bench(*, n_train: int = synthetic.MMIMDB_SIZES["n_train"], dim: int = 768, n_classes: int = 23,
                   epochs: int = 20, batch_size: int = 256, impute: str = "predict", device: str = "auto",
                   compile: bool = False, threads: int | None = None, predictor: str = "mlp", prompts: int = 8,
-                  cache_layers: int = 1, tokens: int = 64) -> dict:
+                  cache_layers: int = 1, tokens: int = 64, vicreg_backend: str | None = None,
+                  vicreg_precision: str | None = None) -> dict:
     """predictor "prompts": the text comes with synthetic hidden states of `tokens` tokens for the last
     `cache_layers` blocks of the default text encoder (MiniLM, so text is 384 wide); the report adds the step
-    time of the MLP predictor on the same data."""
+    time of the MLP predictor on the same data.
+
+    vicreg_backend / vicreg_precision: the fit's VICReg backend ("auto", "triton", "torch") and fp32 dot
+    precision; None keeps FitConfig's defaults. The backend the loss resolves to (after the Triton
+    self-check on CUDA) is reported as `vicreg_backend_used`, the check's cost as `vicreg_check_seconds`.
+    """
+    vicreg_kw = vicreg_settings(vicreg_backend, vicreg_precision)
     if threads:  # on a shared machine, fewer threads than cores gives steadier timings
         torch.set_num_threads(threads)
     scale = n_train / synthetic.MMIMDB_SIZES["n_train"]  # val/test keep MM-IMDb's proportions
@@ -79,10 +101,16 @@ def run_fit_bench(*, n_train: int = synthetic.MMIMDB_SIZES["n_train"], dim: int 
         data = dataset_from_features(features, "synthetic:mmimdb")
     make_seconds = time.perf_counter() - t0
     cfg = FitConfig(store="synthetic:mmimdb", impute=impute, epochs=epochs, batch_size=batch_size,
-                    device=device, compile=compile, predictor=predictor, prompts=prompts)
+                    device=device, compile=compile, predictor=predictor, prompts=prompts, **vicreg_kw)
     t0 = time.perf_counter()
     prep = prepare(data, cfg, resolve_device(device))
     prepare_seconds = time.perf_counter() - t0
+    # What the loss will run on (fp32 embeddings); on CUDA this pays the Triton self-check before the timed fit.
+    requested = getattr(cfg, "vicreg_backend", "auto")
+    precision = getattr(cfg, "vicreg_precision", "ieee")
+    t0 = time.perf_counter()
+    backend_used = vicreg_kernels.resolve_backend(prep.device, torch.float32, precision, requested)
+    check_seconds = time.perf_counter() - t0
     cpu_start = time.process_time()
     result = train(data, prep, cfg, progress=False)
     fit_seconds, fit_cpu = result.seconds, time.process_time() - cpu_start
@@ -92,6 +120,8 @@ def run_fit_bench(*, n_train: int = synthetic.MMIMDB_SIZES["n_train"], dim: int 
     report = {
         "n_train": n_train, "dim": dim, "n_classes": n_classes, "epochs": epochs, "impute": impute,
         "device": str(prep.device), "torch_threads": torch.get_num_threads(), "compile": compile,
+        "vicreg_backend": requested, "vicreg_precision": precision, "vicreg_backend_used": backend_used,
+        "vicreg_check_seconds": check_seconds, "vicreg_self_checks": vicreg_kernels.self_check_results(),
         "batch_size": prep.resolved["batch_size"], "steps_per_epoch": steps,
         "synthetic_seconds": make_seconds, "prepare_seconds": prepare_seconds,
         "fit_seconds": fit_seconds, "fit_cpu_seconds": fit_cpu, "epochs_per_s": epochs / fit_seconds,
@@ -103,6 +133,8 @@ def run_fit_bench(*, n_train: int = synthetic.MMIMDB_SIZES["n_train"], dim: int 
         f"fit bench: {n_train} train rows, D = {dim} + {data.dims['text']}, {n_classes} labels, {epochs} epochs, "
         f"batch {report['batch_size']} ({steps} steps/epoch), impute {impute}, device {report['device']} "
         f"({report['torch_threads']} threads), compile {compile}",
+        f"  VICReg backend: {requested} -> {backend_used} (fp32 precision {precision}; "
+        f"backend check {check_seconds:.2f} s, before the timed fit)",
         f"  prepare (protocol, normalisation, to device): {prepare_seconds:.2f} s",
         f"  fit loop: {fit_seconds:.2f} s = {report['epochs_per_s']:.3f} epochs/s, process CPU {fit_cpu:.2f} s "
         "(includes per-epoch val scoring)",

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from embcache import datasets as ds
 from embcache import store as st
 from embcache.images import DECODE_REASONS, MAX_IMAGE_PIXELS, read_image  # noqa: F401 - re-exported
-from embcache.runtime import Ranks, resolve_device
+from embcache.runtime import Ranks, bind_local_cuda_device, resolve_device
 from embcache.encoders import (DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, Encoder, load_image_encoder,
                                load_text_encoder)
 
@@ -404,7 +404,7 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> ExtractRepo
         dataset.samples = dataset.samples[:cfg.limit]
     if not dataset.samples:
         raise ExtractError(f"{cfg.root}: the {cfg.dataset} reader found no samples")
-    device = resolve_device(cfg.device)
+    device = bind_local_cuda_device(resolve_device(cfg.device))  # torchrun: this rank's GPU, not cuda:0
     batch_size = cfg.batch_size or (256 if device.type == "cuda" else 64)
     encoders = load_encoders(cfg)
     ranks = Ranks.from_env(torch.device("cpu"))  # gloo: the ranks only exchange a few small messages

@@ -22,6 +22,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def bind_local_cuda_device(device: torch.device) -> torch.device:
+    """Under torchrun, make this process's own GPU the current CUDA device; call before any CUDA work.
+
+    torchrun starts one process per GPU and sets LOCAL_RANK; without `torch.cuda.set_device`, every process
+    would allocate, launch (Triton included) and build its NCCL communicator on cuda:0. For a bare "cuda"
+    device with LOCAL_RANK set, this sets and returns cuda:<LOCAL_RANK> (modulo the visible GPUs, so more
+    processes than GPUs share them round-robin; NCCL refuses that, gloo does not). An explicit index
+    ("cuda:1") is kept and made current. CPU devices, and processes without LOCAL_RANK (not under
+    torchrun), are returned as they are, without touching CUDA.
+    """
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device.type != "cuda" or local_rank is None:
+        return device
+    if device.index is None:
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise RuntimeError("--device cuda under torchrun, but no CUDA device is visible")
+        device = torch.device("cuda", int(local_rank) % count)
+    torch.cuda.set_device(device)
+    return device
+
+
 @dataclass
 class Ranks:
     """This process's place in a job run by several processes (torchrun sets RANK / WORLD_SIZE)."""
@@ -87,4 +109,4 @@ def looks_like_run(path: Path) -> bool:
     return (path / "config.json").exists() or any(path.glob("seed-*/config.json"))
 
 
-__all__ = ["resolve_device", "Ranks", "staged_file", "looks_like_run"]
+__all__ = ["resolve_device", "bind_local_cuda_device", "Ranks", "staged_file", "looks_like_run"]

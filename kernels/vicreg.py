@@ -17,7 +17,7 @@ Layout (Liger-Kernel style):
   for that key for the rest of the process; ``backend="triton"`` raises instead. The result is cached, so
   a trainer calls ``resolve_backend(device, dtype, precision, backend)`` once before training, records
   the answer ("triton" or "torch") and prints it; :func:`self_check_results` gives the details (errors,
-  seconds, reason) for a run's records. docs/vicreg-kernel.md explains the checks and tolerances.
+  seconds, reason) for a run's records. docs/vicreg-kernel.md section 6 explains the checks and tolerances.
 
 The math, for one branch ``Z`` (N x D), ``Zc = Z - 1 mean(Z)``, ``s = 1/(N-1)``,
 ``n2_j = ||Zc[:, j]||^2`` (so the unbiased variance is ``s * n2_j``)::
@@ -37,7 +37,7 @@ and, with ``g`` the upstream gradient and ``a_j = [gamma - sigma_j > 0]`` (stric
 
 The centring Jacobian drops out of both gradient terms because the columns of Zc sum to zero.
 "Min-side" route: when N < D only the N x N Gram G is formed (the diagonal of M is not visible in G,
-so ``sum n2^2`` is subtracted -- safe there, see the kernel notes section 2.6); when N >= D the D x D
+so ``sum n2^2`` is subtracted -- safe there, see docs/vicreg-kernel.md section 2); when N >= D the D x D
 matrix M is formed and its diagonal is masked, never subtracted (subtracting cancels catastrophically
 for decorrelated embeddings with N >> D).
 """
@@ -174,7 +174,7 @@ def closed_form_forward(x: torch.Tensor, y: torch.Tensor, k: VICRegCoefficients)
     hinge_sum = x.new_zeros(())
     off_sum = x.new_zeros(())
     for z in (x, y):
-        # Centre before any product (kernel notes 4.1); the second mean is the corrected two-pass
+        # Centre before any product (docs/vicreg-kernel.md section 4); the second mean is the corrected two-pass
         # step that removes the first mean's rounding error (it matters for large column means).
         mu = z.mean(0)
         mu = mu + (z - mu).mean(0)
@@ -291,7 +291,8 @@ def _self_check_views(n: int, d: int, dtype: torch.dtype, device: torch.device, 
     CPU generator: the check never moves the global RNG, so a run is the same with or without it."""
     g = torch.Generator().manual_seed(seed)
     scale = torch.linspace(0.4, 1.6, d, dtype=torch.float64)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64) * scale + 3 * torch.randn(d, generator=g, dtype=torch.float64)
+    means = 3 * torch.randn(d, generator=g, dtype=torch.float64)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * scale + means
     y = x + 0.5 * torch.randn(n, d, generator=g, dtype=torch.float64)
     return x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
 

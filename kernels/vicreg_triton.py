@@ -25,7 +25,7 @@ unchanged fp32 at "ieee" / "tf32x3". The m x m matrix saved for the backward is 
 way. On the Gram route the loss subtracts ``sum_j n2_j^2`` from ``||G||^2``; ``n2r`` is ``n2`` recomputed
 from the *rounded* operands so that the subtracted diagonal matches the one inside G (before TF32 was
 rounded here, n2r came from unrounded operands while G used rounded ones: ~1e-3 loss error at
-(256, 768); docs/vicreg-kernel.md).
+(256, 768); docs/vicreg-kernel.md section 5).
 
 Devices: every launch runs under ``torch.cuda.device(x.device)`` (``_device_guard``), since Triton
 launches on the *current* CUDA device, not on the one holding the tensors.
@@ -76,7 +76,7 @@ def _round_tf32(v):
 
     The integer form of ``cvt.rna.tf32.f32``: add half of the 13 dropped bits, then clear them. A dot
     with ``input_precision="tf32"`` then reads these values exactly, whether the tensor cores round or
-    truncate their inputs (docs/vicreg-kernel.md, "TF32"). Plain integer ops: runs in the interpreter too.
+    truncate their inputs (docs/vicreg-kernel.md section 5). Plain integer ops: runs in the interpreter too.
     """
     bits = v.to(tl.uint32, bitcast=True)
     bits = (bits + 0x1000) & 0xFFFFE000
@@ -207,7 +207,7 @@ def _small_matrix_epilogue(acc, mat_ptr, sumsq_ptr, ti, tj, M, GRAM: tl.constexp
     """
     offs_i = ti * BM + tl.arange(0, BM)
     offs_j = tj * BM + tl.arange(0, BM)
-    if not GRAM:  # mask, never subtract, the diagonal of M (notes section 4.2)
+    if not GRAM:  # mask, never subtract, the diagonal of M (docs/vicreg-kernel.md section 3)
         acc = tl.where(offs_i[:, None] == offs_j[None, :], 0.0, acc)
     weight = tl.where(ti == tj, 1.0, 2.0)  # an off-diagonal tile stands for itself and its mirror
     tl.store(sumsq_ptr, weight * tl.sum(tl.sum(acc * acc, axis=1), axis=0))
@@ -291,7 +291,7 @@ def _finalize_kernel(loss_ptr, inv_part_ptr, hinge_part_ptr, n2sq_part_ptr, sums
     inv = _sum_all(inv_part_ptr, n_dblocks, BLOCK)
     hinge = _sum_all(hinge_part_ptr, 2 * n_dblocks, BLOCK)
     off = _sum_all(sumsq_ptr, 2 * n_tiles, BLOCK)
-    if GRAM:  # ||G||^2 includes the diagonal of M: take it out (safe for N < D, notes section 2.6)
+    if GRAM:  # ||G||^2 includes the diagonal of M: take it out (safe for N < D, docs/vicreg-kernel.md s. 2)
         off -= _sum_all(n2sq_part_ptr, 2 * n_dblocks, BLOCK)
     tl.store(loss_ptr, inv_scale * inv + var_scale * hinge + cov_scale * off)
 

@@ -15,8 +15,9 @@ import os
 import sys
 import xml.etree.ElementTree as ET
 
-# Bench errors are against the public formula in float64 (bench_kernels.py); the tests' thresholds.
-TRITON_TOLERANCE = {"fp32": 1e-5, "tf32": 3e-3, "bf16": 1e-2}
+# Bench errors are against the public formula in float64 (bench_kernels.py), at sizes up to 8192 x 8192: the
+# self-check's tolerances (kernels/vicreg.py), ~10x what correct kernels give, far below what a bug gives.
+TRITON_TOLERANCE = {"fp32": 1e-4, "tf32": 3e-3, "bf16": 3e-2}
 MAX_FILES_BACK = 8  # what the device tool returns from $OUT
 
 

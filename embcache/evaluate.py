@@ -435,7 +435,7 @@ class PredictorQuality:
         ones = {m: torch.ones(n, dtype=torch.bool, device=x[m].device) for m in MODALITIES}
         out = model(x, ones)
         for name, (src, dst) in DIRECTIONS.items():
-            pred = model.fill(dst, out.pred.get(name), ones[src]).expand_as(out.z[dst])
+            pred = model.fill(dst, out.pred.get(name), ones[src], name).expand_as(out.z[dst])
             # a zero vector has no direction (cosine 0); unstandardising would leave rounding noise instead
             raw = torch.zeros_like(x[dst]) if model.impute == "zero" else model.unstandardize(dst, pred)
             a, z = self.acc[name], out.z[dst].double()

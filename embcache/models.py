@@ -19,6 +19,11 @@ from embcache.missing import MISSING_TYPES, MODALITIES
 IMPUTE_MODES = ("predict", "zero", "mean")
 PREDICTORS = ("mlp", "prompts")
 SHUFFLES = ("global", "chunks")
+PREDICTOR_TRAINING = ("staged", "joint")
+SELECTIONS = ("loss", "metric")
+# What a run saved before a setting existed did: FitConfig.from_dict fills these in for old config.json files.
+LEGACY_SETTINGS = {"indicators": False, "substitute": 0.0, "predictor_training": "joint", "shrink": False,
+                   "select": "metric"}
 # direction name -> (source modality, target modality)
 DIRECTIONS = {"image_to_text": ("image", "text"), "text_to_image": ("text", "image")}
 
@@ -52,16 +57,35 @@ class FitConfig:
     prompts: int = 8                    # K prompt tokens
     prompt_bitfit: bool = False         # also train the biases of the k blocks
     expander_dim: int = 0               # > 0: VICReg on a shared 2-layer expander's outputs
-    # late-fusion classifier on [image, text]
+    # late-fusion classifier on [image, text] (+ the two presence indicators)
     classifier_hidden: int = 512
     classifier_depth: int = 2
     classifier_dropout: float = 0.1
+    input_dropout: float = 0.0          # dropout on the classifier's input features (a strong regulariser for wide
+                                        # embeddings on small sets)
+    indicators: bool = True             # the classifier also sees which modalities are real (every impute mode)
+    # On training rows with both modalities, replace one of them (image or text, even odds) by its stand-in
+    # with this probability, so the classifier learns what a stand-in is worth (every impute mode).
+    substitute: float = 0.3
+    # how the predictors train (impute predict; docs/training.md):
+    #   staged: first alone on the paired rows (VICReg, early stopping on val R2, predictor_epochs at most),
+    #           then frozen while the classifier trains on the task loss;
+    #   joint:  together with the classifier, on task loss + alpha * VICReg (the paper's objective).
+    predictor_training: str = "staged"
+    predictor_epochs: int = 100
+    predictor_patience: int = 10        # staged: stop after this many epochs without a better val R2
+    # staged: scale each predicted dimension by its least-squares factor on val pairs, clipped to [0, 1], so a
+    # prediction that knows little about a dimension falls back towards the train mean
+    shrink: bool = True
     # objective: task loss + alpha * (VICReg(image->text) + VICReg(text->image))
     alpha: float = 1.0
     vicreg_sim: float = 25.0
     vicreg_std: float = 25.0
     vicreg_cov: float = 1.0
     detach_target: bool = True          # no gradient through the target branch (matters with an expander)
+    # model selection: the epoch with the best val task loss ("loss") or val main metric ("metric"), under the
+    # selection scenario
+    select: str = "loss"
     # optimisation
     epochs: int = 30
     batch_size: int = 256               # upper bound; small train sets use smaller batches
@@ -90,26 +114,34 @@ class FitConfig:
                 raise FitError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.predictor not in PREDICTORS:
             raise FitError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
+        if self.predictor_training not in PREDICTOR_TRAINING:
+            raise FitError(f"predictor_training must be one of {PREDICTOR_TRAINING}, got {self.predictor_training!r}")
+        if self.select not in SELECTIONS:
+            raise FitError(f"select must be one of {SELECTIONS}, got {self.select!r}")
+        if not 0.0 <= self.substitute <= 1.0:
+            raise FitError(f"substitute must be in [0, 1], got {self.substitute}")
         if self.shuffle not in SHUFFLES:
             raise FitError(f"shuffle must be one of {SHUFFLES}, got {self.shuffle!r}")
         if self.memory_budget_gb < 0:
             raise FitError(f"memory_budget_gb must be >= 0, got {self.memory_budget_gb}")
         for name in ("epochs", "batch_size", "predictor_depth", "classifier_depth", "prompts", "shuffle_window",
-                     "read_ahead"):
+                     "read_ahead", "predictor_epochs", "predictor_patience"):
             if getattr(self, name) < 1:
                 raise FitError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "FitConfig":
-        """Inverse of dataclasses.asdict; unknown keys (e.g. the `resolved` block) are ignored."""
+        """Inverse of dataclasses.asdict; unknown keys (e.g. the `resolved` block) are ignored, and settings a
+        run saved before they existed take the behaviour of that time (`LEGACY_SETTINGS`)."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{**LEGACY_SETTINGS, **{k: v for k, v in data.items() if k in names}})
 
 
-def mlp(d_in: int, d_out: int, hidden: int, depth: int, dropout: float) -> nn.Sequential:
-    """`depth` linear layers with GELU and dropout between them (depth 1 = a linear map)."""
+def mlp(d_in: int, d_out: int, hidden: int, depth: int, dropout: float, input_dropout: float = 0.0) -> nn.Sequential:
+    """`depth` linear layers with GELU and dropout between them (depth 1 = a linear map); input_dropout > 0 puts a
+    dropout on the input first."""
     widths = [d_in] + [hidden] * (depth - 1) + [d_out]
-    layers: list[nn.Module] = []
+    layers: list[nn.Module] = [nn.Dropout(input_dropout)] if input_dropout > 0 else []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
         if i > 0:
             layers += [nn.GELU(), nn.Dropout(dropout)]
@@ -144,8 +176,13 @@ class FusionModel(nn.Module):
             if cfg.expander_dim > 0:
                 for m in MODALITIES:  # one per target modality, shared by prediction and target
                     self.expanders[m] = mlp(dims[m], cfg.expander_dim, cfg.expander_dim, 2, 0.0)
-        self.classifier = mlp(sum(dims[m] for m in MODALITIES), n_outputs, cfg.classifier_hidden,
-                              cfg.classifier_depth, cfg.classifier_dropout)
+            if cfg.shrink and cfg.predictor_training == "staged":  # per-dimension factors set by the trainer
+                for name, (_, dst) in DIRECTIONS.items():
+                    self.register_buffer(f"shrink_{name}", torch.ones(dims[dst]))
+        self.indicators = cfg.indicators
+        self.classifier = mlp(sum(dims[m] for m in MODALITIES) + (len(MODALITIES) if cfg.indicators else 0),
+                              n_outputs, cfg.classifier_hidden, cfg.classifier_depth, cfg.classifier_dropout,
+                              cfg.input_dropout)
 
     @torch.no_grad()
     def set_normalization(self, mean: dict[str, torch.Tensor], std: dict[str, torch.Tensor]) -> None:
@@ -159,24 +196,53 @@ class FusionModel(nn.Module):
     def unstandardize(self, m: str, z: torch.Tensor) -> torch.Tensor:
         return z * getattr(self, f"std_{m}") + getattr(self, f"mean_{m}")
 
-    def forward(self, x: dict[str, torch.Tensor], has: dict[str, torch.Tensor]) -> FusionOutput:
-        """x: raw embeddings per modality (B, D_m); has: bool (B,) per modality."""
+    def embed(self, x: dict[str, torch.Tensor], has: dict[str, torch.Tensor]
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(standardised real embeddings, 0 where absent; direction -> prediction of its target)."""
         # Absent rows hold meaningless values: mask them (not index, so shapes stay static: no host sync).
         z = {m: torch.where(has[m].unsqueeze(1), self.standardize(m, x[m]), 0.0) for m in MODALITIES}
         # a prompt predictor (embcache/prompts.py) reads the source's cached hidden states from the batch dict
         pred = {name: net(x) if getattr(net, "reads_cache", False) else net(z[DIRECTIONS[name][0]])
                 for name, net in self.predictors.items()}
-        filled = {dst: torch.where(has[dst].unsqueeze(1), z[dst], self.fill(dst, pred.get(name), has[src]))
+        return z, pred
+
+    def forward(self, x: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
+                hide: dict[str, torch.Tensor] | None = None) -> FusionOutput:
+        """x: raw embeddings per modality (B, D_m); has: bool (B,) per modality; hide: bool (B,) per modality,
+        rows whose real embedding the classifier gets the stand-in for instead (training substitution)."""
+        z, pred = self.embed(x, has)
+        shown = has if hide is None else {m: has[m] & ~hide[m] for m in MODALITIES}
+        filled = {dst: torch.where(shown[dst].unsqueeze(1), z[dst], self.fill(dst, pred.get(name), shown[src], name))
                   for name, (src, dst) in DIRECTIONS.items()}
-        logits = self.classifier(torch.cat([filled[m] for m in MODALITIES], dim=1))
+        inputs = [filled[m] for m in MODALITIES]
+        if self.indicators:  # 1 = real embedding, 0 = stand-in: zero/mean fill carry this for free, a prediction not
+            inputs += [shown[m].unsqueeze(1).to(filled[m].dtype) for m in MODALITIES]
+        logits = self.classifier(torch.cat(inputs, dim=1))
         return FusionOutput(logits, z, pred)
 
-    def fill(self, m: str, prediction: torch.Tensor | None, has_source: torch.Tensor) -> torch.Tensor:
+    def freeze_predictors(self) -> None:
+        """Staged training: the predictors keep their weights and stay in eval mode (no dropout) from now on."""
+        for p in list(self.predictors.parameters()) + list(self.expanders.parameters()):
+            p.requires_grad_(False)
+        self.predictors_frozen = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "FusionModel":
+        super().train(mode)
+        if getattr(self, "predictors_frozen", False):
+            self.predictors.eval()
+        return self
+
+    def fill(self, m: str, prediction: torch.Tensor | None, has_source: torch.Tensor,
+             direction: str | None = None) -> torch.Tensor:
         """What stands in for modality m where it is absent (broadcasts against (B, D_m))."""
         if self.impute == "zero":  # a raw zero vector, in standardised coordinates
             return -getattr(self, f"mean_{m}") / getattr(self, f"std_{m}")
         if self.impute == "mean" or prediction is None:
             return torch.zeros((), device=has_source.device)
+        shrink = getattr(self, f"shrink_{direction}", None) if direction else None
+        if shrink is not None:  # towards the train mean (0) where the prediction knows little
+            prediction = prediction * shrink
         # predict; a row with neither modality gets the train mean (0), not a prediction from nothing
         return prediction * has_source.unsqueeze(1)
 
@@ -185,7 +251,7 @@ class FusionModel(nn.Module):
 
         The caller puts the rows that have both modalities first, so the slice has a static shape.
         """
-        total = torch.zeros((), device=out.logits.device)
+        total = torch.zeros((), device=next(iter(out.z.values())).device)
         for name, (_, dst) in DIRECTIONS.items():
             x, y = out.pred[name][:n_paired], out.z[dst][:n_paired]
             if dst in self.expanders:

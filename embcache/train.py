@@ -35,10 +35,10 @@ from tqdm.auto import tqdm
 
 from embcache import plots
 from embcache.evaluate import (MAIN_METRIC, Dataset, SplitData, SplitTensors, check_finite, dataset_bytes,
-                               load_dataset, masks_to, predict_split, scenario_metrics, summarize,
+                               load_dataset, masks_to, predict_split, r2_score, scenario_metrics, summarize,
                                task_metrics)
 from embcache.missing import MODALITIES, apply_missing, scenario_of, scenario_present
-from embcache.models import FitConfig, FitError, FusionModel
+from embcache.models import DIRECTIONS, FitConfig, FitError, FusionModel, FusionOutput
 from embcache.prompts import attach_prompt_predictors, resolve_predictors
 from embcache.runtime import Ranks, looks_like_run, resolve_device
 from embcache.store import local_path
@@ -222,9 +222,20 @@ def task_loss(task_type: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Te
     return total / (y >= 0).sum().clamp(min=1)
 
 
+def substitution(n_rows: int, n_paired: int, rate: float, device: torch.device,
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor] | None:
+    """Rows (of a batch whose first n_paired rows have both modalities) whose image or text the classifier gets
+    the stand-in for: each paired row with probability `rate`, image or text with even odds."""
+    if rate <= 0 or n_paired == 0:
+        return None
+    u = torch.rand(n_paired, device=device, generator=generator)
+    rest = torch.zeros(n_rows - n_paired, dtype=torch.bool, device=device)
+    return {"image": torch.cat([u < rate / 2, rest]), "text": torch.cat([(u >= rate / 2) & (u < rate), rest])}
+
+
 def batch_loss(net, model: FusionModel, prep: Prepared, idx: torch.Tensor, n_paired: int,
-               cfg: FitConfig, task_type: str, x: dict[str, torch.Tensor] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               cfg: FitConfig, task_type: str, x: dict[str, torch.Tensor] | None = None,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, detached [loss, task, vicreg]); rows idx[:n_paired] have both modalities.
 
     `net` is the model, its torch.compile'd or its DistributedDataParallel version. x: the batch's
@@ -232,23 +243,31 @@ def batch_loss(net, model: FusionModel, prep: Prepared, idx: torch.Tensor, n_pai
     """
     if x is None:
         x = {m: t[idx] for m, t in prep.train.x.items()}
-    out = net(x, {m: prep.has[m][idx] for m in MODALITIES})
+    hide = substitution(len(idx), n_paired, cfg.substitute, prep.device, generator)
+    out = net(x, {m: prep.has[m][idx] for m in MODALITIES}, hide)
     task = task_loss(task_type, out.logits, prep.train.y[idx])
-    if cfg.impute == "predict":
+    if cfg.impute == "predict" and cfg.predictor_training == "joint":
         vicreg = model.vicreg(out, n_paired)
-    else:
+    else:  # staged: the predictors trained before (`train_predictors`) and are frozen
         vicreg = torch.zeros((), device=task.device)
     loss = task + cfg.alpha * vicreg
     return loss, torch.stack([loss, task, vicreg]).detach()
 
 
-def make_model(data: Dataset, prep: Prepared, cfg: FitConfig):
-    """(model, its compiled version or itself, optimizer, cosine learning-rate schedule)."""
+def make_model(data: Dataset, prep: Prepared, cfg: FitConfig, report: dict | None = None):
+    """(model, its compiled version or itself, optimizer, cosine learning-rate schedule).
+
+    Staged predictor training runs here, before the model is wrapped: `report` receives its summary.
+    """
     torch.manual_seed(cfg.seed)
     model = FusionModel(data.dims, data.n_outputs, cfg).to(prep.device)
     model.set_normalization(prep.mean, prep.std)
     if prep.resolved.get("predictors"):
         attach_prompt_predictors(model, prep.resolved["prompt_encoders"], cfg, data)
+    if cfg.impute == "predict" and cfg.predictor_training == "staged":
+        summary = train_predictors(model, prep, cfg)
+        if report is not None:
+            report.update(summary)
     net = model
     if prep.ranks.world > 1:  # gradients averaged over the processes; every process computes the same stats
         ddp = torch.nn.parallel.DistributedDataParallel
@@ -258,11 +277,111 @@ def make_model(data: Dataset, prep: Prepared, cfg: FitConfig):
         net = ddp(model, device_ids=[prep.device.index] if prep.device.type == "cuda" else None, **sync)
     net = torch.compile(net) if cfg.compile else net
     # fused AdamW: one kernel per step instead of several per parameter (launch-bound on a GPU)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=prep.device.type == "cuda")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, fused=prep.device.type == "cuda")
     total = cfg.epochs * len(prep.ranks.steps(prep.resolved["steps_per_epoch"]))  # this process's steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     return model, net, optimizer, schedule
+
+
+# ------------------------------------------------------------------------------------------------
+# Staged predictor training
+# ------------------------------------------------------------------------------------------------
+def gather_rows(split: SplitData, tensors: SplitTensors, mask: np.ndarray, device: torch.device,
+                read_ahead: int) -> dict[str, torch.Tensor]:
+    """The embeddings (+ hidden states) of the rows `mask` selects, on the device; a streamed split is read
+    chunk by chunk (only the selected rows are kept)."""
+    if not split.streamed:
+        rows = torch.as_tensor(np.flatnonzero(mask), device=device)
+        return {k: t[rows] for k, t in tensors.x.items()}
+    parts: dict[str, list] = {m: [] for m in MODALITIES}
+    for pos, block in split.blocks(read_ahead):
+        for m in MODALITIES:
+            parts[m].append(torch.from_numpy(block[m][mask[pos]]).to(device))
+    return {m: torch.cat(v) for m, v in parts.items()}
+
+
+@torch.no_grad()
+def predictions(model: FusionModel, x: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """direction -> (prediction, real target), standardised, on rows that have both modalities."""
+    n = len(x[MODALITIES[0]])
+    ones = {m: torch.ones(n, dtype=torch.bool, device=x[m].device) for m in MODALITIES}
+    was_training = model.training
+    model.eval()
+    z, pred = model.embed(x, ones)
+    model.train(was_training)
+    return {name: (pred[name], z[dst]) for name, (_, dst) in DIRECTIONS.items()}
+
+
+def shrink_factors(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per dimension, the least-squares factor c minimising ||target - c * pred||^2, clipped to [0, 1].
+
+    Coordinates are standardised (the train mean is 0), so c < 1 pulls a prediction towards the mean: where the
+    prediction is unrelated to the target, c ~ 0 and the stand-in becomes mean imputation.
+    """
+    pred, target = pred.double(), target.double()
+    c = (pred * target).sum(0) / (pred * pred).sum(0).clamp(min=1e-12)
+    return c.clamp(0.0, 1.0).float()
+
+
+def train_predictors(model: FusionModel, prep: Prepared, cfg: FitConfig) -> dict:
+    """Staged training, step one: the predictors alone, on the training rows with both modalities, with the
+    VICReg objective; keep the epoch with the best val R2 (mean of both directions), stop after
+    `predictor_patience` epochs without improvement; then set the shrink factors on the val pairs and freeze.
+    """
+    params = [p for p in list(model.predictors.parameters()) + list(model.expanders.parameters()) if p.requires_grad]
+    # the training pairs in memory, in their own batches (larger than the paired part of a task batch: VICReg's
+    # variance and covariance estimates need rows); a streamed split is read once here
+    train_x = gather_rows(prep.train_split, prep.train, prep.paired_mask, prep.device, cfg.read_ahead)
+    n = len(train_x[MODALITIES[0]])
+    steps = max(1, n // max(cfg.batch_size, MIN_PAIRED_PER_BATCH)) if n >= 2 * MIN_PAIRED_PER_BATCH else 1
+    bounds = np.linspace(0, n, steps + 1).round().astype(int).tolist()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator(device=prep.device).manual_seed(cfg.seed)
+    val = gather_rows(prep.val_split, prep.val, (prep.val_has["image"] & prep.val_has["text"]).cpu().numpy(),
+                      prep.device, cfg.read_ahead)
+    n_val = len(val[MODALITIES[0]])
+    ones = {m: torch.ones(n, dtype=torch.bool, device=prep.device) for m in MODALITIES}
+
+    def score() -> float | None:
+        if n_val < 2:
+            return None
+        return float(np.mean([r2_score(p, t) for p, t in predictions(model, val).values()]))
+
+    best, best_epoch, best_state, since = None, 0, None, 0
+    model.train()
+    for epoch in range(1, cfg.predictor_epochs + 1):
+        order = torch.randperm(n, device=prep.device, generator=generator)
+        for s in range(steps):
+            idx = order[bounds[s]:bounds[s + 1]]
+            x = {m: t[idx] for m, t in train_x.items()}
+            z, pred = model.embed(x, {m: v[:len(idx)] for m, v in ones.items()})
+            loss = model.vicreg(FusionOutput(None, z, pred), len(idx))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        value = score()
+        if value is None:  # no val pairs: train the full budget
+            best_epoch = epoch
+            continue
+        if best is None or value > best:
+            best, best_epoch, since = value, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.predictors.state_dict().items()}
+        else:
+            since += 1
+            if since >= cfg.predictor_patience:
+                break
+    if best_state is not None:
+        model.predictors.load_state_dict(best_state)
+    shrink = {}
+    if cfg.shrink and n_val >= 2:
+        for name, (p, t) in predictions(model, val).items():
+            factors = shrink_factors(p, t)
+            getattr(model, f"shrink_{name}").copy_(factors)
+            shrink[name] = float(factors.mean())
+    model.freeze_predictors()
+    return {"predictor_epochs": best_epoch, "predictor_val_r2": best, "val_pairs": n_val,
+            "shrink_mean": shrink or None}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,6 +394,7 @@ class TrainResult:
     best_epoch: int
     best_value: float | None            # val main metric under the selection scenario
     seconds: float
+    predictors: dict | None = None      # staged predictor training: its best epoch, val R2, shrink factors
 
 
 def epoch_batches(prep: Prepared, cfg: FitConfig, generators: dict):
@@ -310,20 +430,22 @@ def train(data: Dataset, prep: Prepared, cfg: FitConfig, progress: bool = True) 
     Several processes: each runs its share of the steps (gradients averaged by DDP); only rank 0 scores
     val and keeps the best epoch, and the epoch losses are averaged over all processes.
     """
-    model, net, optimizer, schedule = make_model(data, prep, cfg)
+    staged: dict = {}
+    model, net, optimizer, schedule = make_model(data, prep, cfg, staged)
     main = MAIN_METRIC[data.task_type]
     generators: dict = {}
     steps = prep.resolved["steps_per_epoch"]
     lead = prep.ranks.rank == 0
-    curves, best_epoch, best_value, best_state = [], 0, None, None
+    curves, best_epoch, best_value, best_key, best_state = [], 0, None, None, None
     start = time.perf_counter()
     bar = tqdm(range(1, cfg.epochs + 1), desc=f"fit seed {cfg.seed}", unit="epoch", disable=not progress or not lead)
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()
         sums = torch.zeros(3, device=prep.device)
+        substitute = substitution_generator(generators, cfg, prep.device)
         for idx, n_paired, x in epoch_batches(prep, cfg, generators):
-            loss, parts = batch_loss(net, model, prep, idx, n_paired, cfg, data.task_type, x)
+            loss, parts = batch_loss(net, model, prep, idx, n_paired, cfg, data.task_type, x, substitute)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -335,17 +457,43 @@ def train(data: Dataset, prep: Prepared, cfg: FitConfig, progress: bool = True) 
         if not lead:
             continue
         logits = predict_split(model, prep.val_split, prep.val, prep.val_has, cfg.read_ahead)
-        value = task_metrics(data.task_type, logits, prep.val.y)[main]
-        if value is None or best_value is None or value > best_value:
-            best_epoch, best_value = epoch, value
+        value, val_loss, key = selection_key(cfg, data.task_type, logits, prep.val.y)
+        if key is None or best_key is None or key > best_key:
+            best_epoch, best_value, best_key = epoch, value, key
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         curves.append({"epoch": epoch, "loss": mean_loss, "task_loss": mean_task, "vicreg_loss": mean_vicreg,
-                       f"val_{main}": value, "lr": schedule.get_last_lr()[0],
+                       f"val_{main}": value, "val_loss": val_loss, "lr": schedule.get_last_lr()[0],
                        "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{mean_loss:.4f}", **{f"val_{main}": "n/a" if value is None else f"{value:.4f}"})
     if best_state is not None:
         model.load_state_dict(best_state)
-    return TrainResult(model, curves, best_epoch, best_value, time.perf_counter() - start)
+    return TrainResult(model, curves, best_epoch, best_value, time.perf_counter() - start, staged or None)
+
+
+def substitution_generator(generators: dict, cfg: FitConfig, device: torch.device) -> torch.Generator:
+    """The random stream of training substitution (`substitution`), one per process and seed."""
+    return generators.setdefault("substitute", torch.Generator(device=device).manual_seed(cfg.seed + 1))
+
+
+def selection_key(cfg: FitConfig, task_type: str, logits: torch.Tensor, y: torch.Tensor
+                  ) -> tuple[float | None, float | None, float | None]:
+    """(val main metric, val task loss, the number model selection maximises: the metric, or minus the loss)."""
+    value = task_metrics(task_type, logits, y)[MAIN_METRIC[task_type]]
+    val_loss = val_task_loss(task_type, logits, y)
+    key = value if cfg.select == "metric" else (None if val_loss is None else -val_loss)
+    return value, val_loss, key
+
+
+def val_task_loss(task_type: str, logits: torch.Tensor, y: torch.Tensor) -> float | None:
+    """The task loss on the labeled val rows (None when there are none)."""
+    keep = labeled_rows(task_type, y)
+    if not bool(keep.any()):
+        return None
+    return task_loss(task_type, logits[keep], y[keep]).item()
+
+
+def labeled_rows(task_type: str, y: torch.Tensor) -> torch.Tensor:
+    return torch.ones(len(y), dtype=torch.bool, device=y.device) if task_type == "multilabel" else y >= 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -454,7 +602,8 @@ def write_run(run_dir: Path, data: Dataset, prep: Prepared, cfg: FitConfig, resu
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = {**prep.resolved, "seconds": result.seconds, "selection": {
         "split": "val", "scenario": prep.resolved["selection_scenario"], "metric": MAIN_METRIC[data.task_type],
-        "best_epoch": result.best_epoch, "value": result.best_value, "epochs": cfg.epochs}}
+        "best_epoch": result.best_epoch, "value": result.best_value, "epochs": cfg.epochs,
+        "by": cfg.select}, "predictor_training": result.predictors}
     write_json(run_dir / "config.json", {**asdict(cfg), "resolved": resolved})
     save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
               str(run_dir / "model.safetensors"), metadata={"format": "embcache.fit/1"})

@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 
 from embcache import synthetic
 from embcache.cli.fit import fit_command
-from embcache.evaluate import MAIN_METRIC, evaluate_run, load_dataset, predict_split, task_metrics
+from embcache.evaluate import evaluate_run, load_dataset, predict_split
 from embcache.models import FitConfig, FitError
 from embcache.runtime import Ranks
 from embcache.store import FeatureStore, create_store, mark_chunk_done, mark_complete, n_chunks, write_rows
 from embcache.stream import ReadAhead, chunked_order
-from embcache.train import batch_loss, epoch_batches, fit, make_model, prepare
+from embcache.train import batch_loss, epoch_batches, fit, make_model, prepare, selection_key, substitution_generator
 
 SIZES = dict(n_train=600, n_val=150, n_test=200, d_image=24, d_text=16, shared_dim=8, private_dim=2, n_classes=5,
              absent_image=0.05, absent_text=0.05, absent_both=0.02)
@@ -187,7 +187,6 @@ def accumulated_fit(store, cfg, world):
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / (cfg.epochs * share))))
     rng = [torch.get_rng_state() for _ in range(world)]  # each process's dropout draws
     generators = [{} for _ in range(world)]
-    main = MAIN_METRIC[data.task_type]
     best_value, best_state, best_epoch = None, None, 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -196,13 +195,14 @@ def accumulated_fit(store, cfg, world):
             optimizer.zero_grad(set_to_none=True)
             for r, (idx, n_paired, x) in enumerate(batches):
                 torch.set_rng_state(rng[r])
-                loss, _ = batch_loss(model, model, prep, idx, n_paired, cfg, data.task_type, x)
+                loss, _ = batch_loss(model, model, prep, idx, n_paired, cfg, data.task_type, x,
+                                     substitution_generator(generators[r], cfg, device))
                 (loss / world).backward()  # DDP: the mean of the processes' gradients
                 rng[r] = torch.get_rng_state()
             optimizer.step()
             schedule.step()
-        value = task_metrics(data.task_type, predict_split(model, prep.val_split, prep.val, prep.val_has),
-                             prep.val.y)[main]
+        _, _, value = selection_key(cfg, data.task_type, predict_split(model, prep.val_split, prep.val, prep.val_has),
+                                    prep.val.y)
         if value is None or best_value is None or value > best_value:
             best_value, best_epoch = value, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

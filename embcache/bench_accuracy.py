@@ -1,0 +1,290 @@
+"""`embcache bench accuracy`: does filling a missing modality with its prediction beat zeros and the mean?
+
+For each dataset (a feature store, or a synthetic cache) and each training seed, the grid trains
+
+    impute {predict, zero, mean} x training {complete (train rate 0), missing (train rate R, type = test type)}
+                                  x test type {both, image, text}
+
+and scores every run on the test split under the matching scenario (`missing-<type>` at the test rate) and
+under `full`. Every run gets the same trainer (indicators, head, model selection): only the fill differs.
+A linear probe (logistic regression on the concatenated standardised features, trained on the complete
+training rows, L2 chosen on val) is the reference the trainer must match; it is scored with zero and mean
+fill. Results: a table (mean +- std over seeds), a JSON file and one figure (docs/benchmarks-accuracy.md
+describes the layout).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from embcache import synthetic
+from embcache.evaluate import (MAIN_METRIC, Dataset, dataset_from_features, labeled, load_dataset,
+                               scenario_metrics, task_metrics)
+from embcache.missing import MISSING_TYPES, MODALITIES, scenario_present
+from embcache.models import IMPUTE_MODES, FitConfig
+from embcache.runtime import resolve_device, staged_file
+from embcache.train import prepare, train
+
+SCHEMA = "embcache.bench-accuracy/1"
+SETTINGS = ("complete", "missing")
+PROBE_L2 = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+# Synthetic caches (embcache/synthetic.py), small enough for CI-sized runs. "predictable": the modalities share
+# most of their latent, so the cross-modal R2 is high (~0.6); "weak": they share little (~0.1).
+SYNTHETIC = {
+    "synthetic-predictable": dict(n_train=1500, n_val=400, n_test=1000, d_image=64, d_text=48, n_classes=8,
+                                  task_type="multiclass", shared_dim=12, private_dim=2, noise=0.5, seed=11),
+    "synthetic-weak": dict(n_train=1500, n_val=400, n_test=1000, d_image=64, d_text=48, n_classes=8,
+                           task_type="multiclass", shared_dim=3, private_dim=12, noise=0.5, seed=12),
+}
+
+
+def synthetic_dataset(name: str) -> Dataset:
+    if name not in SYNTHETIC:
+        raise ValueError(f"unknown synthetic cache {name!r}; choose from {sorted(SYNTHETIC)}")
+    return dataset_from_features(synthetic.make_features(**SYNTHETIC[name]), f"synthetic:{name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The linear probe
+# ------------------------------------------------------------------------------------------------
+def _standardized(data: Dataset, split: str, has: dict[str, np.ndarray], mean: dict, std: dict, fill: str,
+                  device: torch.device) -> torch.Tensor:
+    """[image, text] standardised by the train moments; absent parts replaced by zeros (raw) or the mean."""
+    sp, parts = data.splits[split], []
+    for m in MODALITIES:
+        z = (torch.as_tensor(sp.emb[m], device=device) - mean[m]) / std[m]
+        stand_in = -mean[m] / std[m] if fill == "zero" else torch.zeros_like(mean[m])
+        parts.append(torch.where(torch.as_tensor(has[m], device=device).unsqueeze(1), z, stand_in))
+    return torch.cat(parts, 1)
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, task: str, n_out: int, l2: float) -> torch.nn.Linear:
+    torch.manual_seed(0)
+    head = torch.nn.Linear(x.shape[1], n_out).to(x.device)
+    torch.nn.init.zeros_(head.weight)
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=200, history_size=20,
+                                  line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        logits = head(x)
+        loss = (F.binary_cross_entropy_with_logits(logits, y) if task == "multilabel"
+                else F.cross_entropy(logits, y)) + l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return head
+
+
+def linear_probe(data: Dataset, test_rate: float, missing_seed: int, device: torch.device) -> dict:
+    """Logistic regression on complete training pairs; {l2, val, test: {scenario: metrics}, fills}."""
+    train = data.splits["train"]
+    both = train.present["image"] & train.present["text"] & labeled(data.task_type, train.labels)
+    mean = {m: torch.as_tensor(train.emb[m][both].mean(0), device=device) for m in MODALITIES}
+    std = {m: torch.as_tensor(train.emb[m][both].std(0), device=device).clamp(min=1e-6) for m in MODALITIES}
+    main = MAIN_METRIC[data.task_type]
+
+    def target(split, rows=None):
+        y = torch.as_tensor(data.splits[split].labels if rows is None else data.splits[split].labels[rows],
+                            device=device)
+        return y.float() if data.task_type == "multilabel" else y.long()
+
+    x = _standardized(data, "train", train.present, mean, std, "mean", device)[torch.as_tensor(both, device=device)]
+    y = target("train", both)
+    val = data.splits["val"]
+    best = None
+    for l2 in PROBE_L2:  # choose the L2 weight on val, full pairs
+        head = _fit_logistic(x, y, data.task_type, data.n_outputs, l2)
+        with torch.no_grad():
+            score = task_metrics(data.task_type, head(_standardized(data, "val", val.present, mean, std, "mean",
+                                                                    device)), target("val"))[main]
+        if best is None or (score is not None and score > best[0]):
+            best = (score, l2, head)
+    _, l2, head = best
+    test, result = data.splits["test"], {"l2": l2, "test": {}}
+    for fill in ("zero", "mean"):
+        for scenario in ("full",) + tuple(f"missing-{t}" for t in MISSING_TYPES):
+            has = scenario_present(test.ids, test.present, scenario, test_rate, missing_seed)
+            with torch.no_grad():
+                logits = head(_standardized(data, "test", has, mean, std, fill, device))
+            result["test"].setdefault(fill, {})[scenario] = task_metrics(data.task_type, logits, target("test"))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# The grid
+# ------------------------------------------------------------------------------------------------
+def run_cell(data: Dataset, cfg: FitConfig, device: torch.device) -> dict:
+    """Train one configuration (no files written) and score it on val and test, every scenario."""
+    prep = prepare(data, cfg, device)
+    result = train(data, prep, cfg, progress=False)
+    metrics = scenario_metrics(result.model, data, cfg, prep.resolved)
+    return {"test": metrics["test"], "predictor": metrics["predictor"], "best_epoch": result.best_epoch,
+            "seconds": result.seconds}
+
+
+def run_dataset(name: str, data: Dataset, base: FitConfig, *, seeds: list[int], imputes=IMPUTE_MODES,
+                test_types=MISSING_TYPES, test_rate: float = 0.7, train_rate: float = 0.7,
+                log=print) -> dict:
+    device = resolve_device(base.device)
+    main = MAIN_METRIC[data.task_type]
+    cells = []
+    start = time.perf_counter()
+    for setting in SETTINGS:
+        for test_type in test_types:
+            for impute in imputes:
+                for seed in seeds:
+                    cfg = replace(base, impute=impute, seed=seed, test_missing_rate=test_rate,
+                                  test_missing_type=test_type, train_missing_type=test_type,
+                                  train_missing_rate=0.0 if setting == "complete" else train_rate)
+                    cell = run_cell(data, cfg, device)
+                    cells.append({"setting": setting, "test_type": test_type, "impute": impute, "seed": seed,
+                                  **cell})
+            log(f"  {name}: {setting} training, test type {test_type}: "
+                + ", ".join(f"{imp} {_mean_std([c['test'][f'missing-{test_type}'][main] for c in cells if (c['setting'], c['test_type'], c['impute']) == (setting, test_type, imp)])}"
+                            for imp in imputes))
+    probe = linear_probe(data, test_rate, base.missing_seed, device)
+    train = data.splits["train"]
+    return {"name": name, "task": data.task_type, "metric": main, "classes": len(data.classes),
+            "rows": {s: len(data.splits[s]) for s in ("train", "val", "test")},
+            "train_paired": int((train.present["image"] & train.present["text"]).sum()),
+            "seeds": seeds, "test_rate": test_rate, "train_rate": train_rate, "cells": cells, "probe": probe,
+            "summary": summarize(cells, probe, main, imputes, test_types), "seconds": time.perf_counter() - start}
+
+
+def _mean_std(values) -> str:
+    values = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if len(values) == 0:
+        return "n/a"
+    return f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.3f}"
+
+
+def _stats(values) -> dict:
+    values = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    return {"mean": float(values.mean()) if len(values) else None,
+            "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0, "n": int(len(values))}
+
+
+def summarize(cells: list[dict], probe: dict, main: str, imputes, test_types) -> dict:
+    """{setting: {test_type: {impute: {scenario stats, full stats, r2}}}, probe: {...}} over seeds."""
+    out: dict = {}
+    for setting in SETTINGS:
+        for test_type in test_types:
+            for impute in imputes:
+                group = [c for c in cells if (c["setting"], c["test_type"], c["impute"]) == (setting, test_type, impute)]
+                if not group:
+                    continue
+                r2 = [np.mean([q["r2"] for q in c["predictor"].values() if q["r2"] is not None]) for c in group]
+                out.setdefault(setting, {}).setdefault(test_type, {})[impute] = {
+                    "missing": _stats([c["test"][f"missing-{test_type}"][main] for c in group]),
+                    "full": _stats([c["test"]["full"][main] for c in group]),
+                    "r2": _stats(r2) if impute == "predict" else None}
+    out["probe"] = {fill: {scenario: values[main] for scenario, values in scores.items()}
+                    for fill, scores in probe["test"].items()}
+    return out
+
+
+def format_report(report: dict) -> list[str]:
+    """The table: per dataset, rows (setting, test type), columns impute modes, cells mean ± std over seeds."""
+    lines = []
+    for ds in report["datasets"]:
+        s, main = ds["summary"], ds["metric"]
+        imputes = list(next(iter(s[SETTINGS[0]].values())))
+        lines.append(f"{ds['name']}: {ds['task']}, {ds['classes']} classes, rows train/val/test "
+                     f"{ds['rows']['train']}/{ds['rows']['val']}/{ds['rows']['test']}, test {main} at missing rate "
+                     f"{ds['test_rate']}, mean ± std over seeds {ds['seeds']}")
+        header = ["training", "test scenario"] + imputes + ["predict - best baseline", "predictor r2"]
+        rows = []
+        for setting in SETTINGS:
+            for test_type, by_impute in s.get(setting, {}).items():
+                row = [setting if setting == "complete" else f"missing {ds['train_rate']}", f"missing-{test_type}"]
+                row += [f"{by_impute[i]['missing']['mean']:.3f} ± {by_impute[i]['missing']['std']:.3f}" for i in imputes]
+                baselines = [by_impute[i]["missing"]["mean"] for i in imputes if i != "predict"]
+                row.append(f"{by_impute['predict']['missing']['mean'] - max(baselines):+.3f}"
+                           if "predict" in by_impute and baselines else "")
+                r2 = (by_impute.get("predict") or {}).get("r2")
+                row.append(f"{r2['mean']:.3f}" if r2 else "")
+                rows.append(row)
+            by_impute = next(iter(s.get(setting, {}).values()), {})
+            rows.append([setting if setting == "complete" else f"missing {ds['train_rate']}", "full"]
+                        + [f"{by_impute[i]['full']['mean']:.3f} ± {by_impute[i]['full']['std']:.3f}"
+                           for i in imputes] + ["", ""])
+        probe = s["probe"]
+        rows.append(["linear probe", "full"] + [f"{probe['mean']['full']:.3f}"] + [""] * (len(imputes) + 1))
+        for test_type in MISSING_TYPES:
+            key = f"missing-{test_type}"
+            rows.append(["linear probe", key] + [f"zero {probe['zero'][key]:.3f}", f"mean {probe['mean'][key]:.3f}"]
+                        + [""] * len(imputes))
+        widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+        lines.append("")
+    return lines
+
+
+def plot_report(report: dict, path: str | Path) -> None:
+    """One panel per (dataset, training setting): bars per test scenario for each impute mode, with the
+    linear probe's best fill as a marker; error bars are the std over seeds."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    datasets = report["datasets"]
+    fig = Figure(figsize=(11, 3.2 * len(datasets)))
+    axes = fig.subplots(len(datasets), len(SETTINGS), squeeze=False)
+    for row, ds in zip(axes, datasets):
+        s = ds["summary"]
+        for ax, setting in zip(row, SETTINGS):
+            types = list(s.get(setting, {}))
+            imputes = list(s[setting][types[0]]) if types else []
+            width = 0.8 / max(1, len(imputes))
+            for k, impute in enumerate(imputes):
+                means = [s[setting][t][impute]["missing"]["mean"] for t in types]
+                stds = [s[setting][t][impute]["missing"]["std"] for t in types]
+                ax.bar([i + (k - (len(imputes) - 1) / 2) * width for i in range(len(types))], means, width,
+                       yerr=stds, capsize=3, label=impute)
+            probe = [max(s["probe"]["zero"][f"missing-{t}"], s["probe"]["mean"][f"missing-{t}"]) for t in types]
+            ax.plot(range(len(types)), probe, "k_", markersize=28, mew=2, label="linear probe (best fill)")
+            ax.set_xticks(range(len(types)), [f"missing-{t}" for t in types])
+            values = [s[setting][t][i]["missing"]["mean"] for t in types for i in imputes] + probe
+            if values:
+                ax.set_ylim(max(0.0, min(values) - 0.08), min(1.0, max(values) + 0.05))
+            ax.set_ylabel(ds["metric"])
+            ax.set_title(f"{ds['name']}: {setting} training" + ("" if setting == "complete" else f" ({ds['train_rate']})"),
+                         fontsize=10)
+            ax.legend(fontsize=7, loc="lower right")
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+
+
+def run_bench(stores: list[str], synthetic_names: list[str], base: FitConfig, *, seeds: list[int],
+              out: str | Path | None = None, test_rate: float = 0.7, train_rate: float = 0.7,
+              log=print) -> dict:
+    datasets = []
+    sources = [(Path(url.rstrip("/")).stem, lambda url=url: load_dataset(url)) for url in stores]
+    sources += [(name, lambda name=name: synthetic_dataset(name)) for name in synthetic_names]
+    for name, load in sources:
+        log(f"{name}: training {len(SETTINGS) * len(MISSING_TYPES) * len(IMPUTE_MODES) * len(seeds)} runs")
+        datasets.append(run_dataset(name, load(), base, seeds=seeds, test_rate=test_rate, train_rate=train_rate,
+                                    log=log))
+    report = {"schema": SCHEMA, "config": {k: v for k, v in vars(base).items()
+                                           if k not in ("store", "val_store", "test_store")},
+              "versions": {"torch": torch.__version__}, "datasets": datasets}
+    report["table"] = format_report(report)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        with staged_file(out / "accuracy.json") as tmp, open(tmp, "w") as fh:
+            json.dump({k: v for k, v in report.items() if k != "table"}, fh, indent=1)
+        with staged_file(out / "accuracy.txt") as tmp, open(tmp, "w") as fh:
+            fh.write("\n".join(report["table"]) + "\n")
+        with staged_file(out / "accuracy.png") as tmp, open(tmp, "wb") as fh:
+            plot_report(report, fh)
+    return report

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from embcache.cli.bench_accuracy import accuracy_command
 from embcache.cli.bench_fit import fit_bench_command
 from embcache.cli.bench_kernels import kernels_command
 from embcache.cli.bundle import export_command, predict_command
@@ -20,7 +21,7 @@ def main() -> None:
 
 @main.group()
 def bench() -> None:
-    """Benchmarks: extract throughput, fit speed, VICReg kernels."""
+    """Benchmarks: accuracy (predict vs zero vs mean), extract throughput, fit speed, VICReg kernels."""
 
 
 main.add_command(tune_command)
@@ -31,6 +32,7 @@ main.add_command(export_command)
 main.add_command(predict_command)
 main.add_command(export_features_command)
 main.add_command(import_features_command)
+bench.add_command(accuracy_command)
 bench.add_command(extract_bench_command)
 bench.add_command(fit_bench_command)
 bench.add_command(kernels_command)

@@ -1,12 +1,22 @@
 """`embcache bench accuracy`."""
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
-from embcache.cli.common import user_errors
+from embcache.cli.common import parse_options, user_errors
+from embcache.cli.extract import encoder_options
+from embcache.datasets import DatasetError
+from embcache.encoders import EncoderError
 from embcache.models import FitConfig, FitError
+from embcache.store import StoreError
 
 D = FitConfig()
+# FitConfig fields the grid sets itself, or that have their own flag here.
+GRID_FIELDS = {**{k: "set by the grid" for k in ("impute", "seed", "train_missing_rate", "train_missing_type",
+                                                 "test_missing_rate", "test_missing_type")},
+               **{k: f"a flag of its own (--{k.replace('_', '-')})" for k in ("epochs", "device", "missing_seed")}}
 
 
 def _seeds(ctx, param, value: str) -> list[int]:
@@ -19,7 +29,36 @@ def _seeds(ctx, param, value: str) -> list[int]:
     return seeds
 
 
+def _fit_options(ctx, param, value: tuple[str, ...]) -> dict:
+    """KEY=VALUE pairs -> FitConfig field overrides, each cast to the field's type."""
+    fields = {f.name: f for f in dataclasses.fields(FitConfig)}
+    out = {}
+    for key, raw in parse_options(value).items():
+        if key not in fields or key in ("store", "val_store", "test_store"):
+            raise click.BadParameter(f"{key!r} is not a fit setting; see `embcache fit --help` "
+                                     "(e.g. predictor_hidden=256, classifier_dropout=0.2)")
+        if key in GRID_FIELDS:
+            raise click.BadParameter(f"{key} is {GRID_FIELDS[key]}")
+        default, text = getattr(D, key), str(raw)
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise click.BadParameter(f"{key}={text}: expected true or false")
+            out[key] = text.lower() in ("true", "1", "yes")
+        elif isinstance(default, int) and not isinstance(raw, int):
+            raise click.BadParameter(f"{key}={text}: expected an integer")
+        elif isinstance(default, float) and not isinstance(raw, (int, float)):
+            raise click.BadParameter(f"{key}={text}: expected a number")
+        else:
+            out[key] = type(default)(raw) if default is not None else raw
+    return out
+
+
 @click.command("accuracy")
+@click.option("--dataset", "datasets", multiple=True, metavar="NAME",
+              help="A dataset to extract and benchmark, with its --root (repeatable, in pairs): mmimdb, food101, "
+                   "hateful_memes or manifest. Writes the paper-style table (paper.md, paper.json).")
+@click.option("--root", "roots", multiple=True, metavar="PATH",
+              help="The folder (or manifest file) of the --dataset at the same position.")
 @click.option("--store", "stores", multiple=True, help="A feature store to benchmark (repeatable).")
 @click.option("--synthetic", "synthetic_names", multiple=True,
               type=click.Choice(["synthetic-predictable", "synthetic-weak"]),
@@ -28,23 +67,57 @@ def _seeds(ctx, param, value: str) -> list[int]:
 @click.option("--test-rate", type=click.FloatRange(0, 1), default=D.test_missing_rate, show_default=True)
 @click.option("--train-rate", type=click.FloatRange(0, 1), default=D.train_missing_rate, show_default=True,
               help="Missing rate of the 'missing' training setting (the 'complete' setting uses 0).")
+@click.option("--missing-seed", type=int, default=D.missing_seed, show_default=True,
+              help="Seed of the missing-modality assignment (the same rows go missing in every run).")
 @click.option("--epochs", type=click.IntRange(1), default=D.epochs, show_default=True)
+@click.option("--fit-option", "fit_options", multiple=True, metavar="KEY=VALUE", callback=_fit_options,
+              help="Any other fit setting, e.g. predictor_hidden=256 (repeatable; names as in FitConfig).")
 @click.option("--device", default=D.device, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for torch (default: torch's).")
+@encoder_options
+@click.option("--cache", default="bench-cache", show_default=True, type=click.Path(file_okay=False),
+              help="With --dataset: folder of the extracted stores, one per dataset and encoder settings; a "
+                   "finished one is reused.")
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="With --dataset: extraction batch size (default: 64 on CPU, 256 on GPU).")
+@click.option("--workers", type=click.IntRange(0), default=2, show_default=True,
+              help="With --dataset: extraction loader processes (decode, tokenize); 0 = in the main process.")
+@click.option("--overwrite", is_flag=True, help="With --dataset: re-extract even where the cache has the store.")
 @click.option("--out", default="bench-accuracy", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for accuracy.json, accuracy.txt and accuracy.png.")
-@user_errors(FitError)
-def accuracy_command(stores, synthetic_names, seeds, test_rate, train_rate, epochs, device, threads, out):
-    """Predict vs zero vs mean fill, in complete and missing training, against a linear probe."""
-    import torch
+              help="Folder for accuracy.json, accuracy.txt and accuracy.png (with --dataset: paper.md, paper.json).")
+@user_errors(FitError, DatasetError, EncoderError, StoreError, ValueError)
+def accuracy_command(datasets, roots, stores, synthetic_names, seeds, test_rate, train_rate, missing_seed, epochs,
+                     fit_options, device, threads, cache, batch_size, workers, overwrite, out, **encoders):
+    """Predict vs zero vs mean fill, in complete and missing training.
 
-    from embcache.bench_accuracy import run_bench
+    With --store / --synthetic: against a linear probe, on feature stores or synthetic caches. With --dataset NAME
+    --root PATH (repeatable): extract each dataset once into --cache with the encoder options, run the same grid
+    and write the paper-style table (per dataset the metrics of its task: F1-macro and F1-micro, accuracy, or
+    AUROC and accuracy).
+    """
+    import torch
 
     if threads:
         torch.set_num_threads(threads)
+    base = FitConfig(**{**dict(epochs=epochs, device=device, missing_seed=missing_seed), **fit_options})
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    if datasets or roots:
+        from embcache.bench_paper import pair_sources, run_paper
+
+        if stores or synthetic_names:
+            raise click.ClickException("--dataset cannot be combined with --store or --synthetic; run them apart")
+        pairs = pair_sources(datasets, roots)
+        report = run_paper(pairs, base, seeds=seeds, encoders=encoders, cache=cache, out=out, test_rate=test_rate,
+                           train_rate=train_rate, batch_size=batch_size, workers=workers, overwrite=overwrite,
+                           log=log)
+        click.echo("\n".join(report["markdown"]))
+        click.echo(f"wrote {out}/paper.md, paper.json")
+        return
+    from embcache.bench_accuracy import run_bench
+
     if not stores and not synthetic_names:
-        raise click.UsageError("give at least one --store or --synthetic")
-    report = run_bench(list(stores), list(synthetic_names), FitConfig(epochs=epochs, device=device), seeds=seeds,
-                       out=out, test_rate=test_rate, train_rate=train_rate, log=lambda m: click.echo(m, err=True))
+        raise click.UsageError("give at least one --dataset NAME --root PATH, --store or --synthetic")
+    report = run_bench(list(stores), list(synthetic_names), base, seeds=seeds, out=out, test_rate=test_rate,
+                       train_rate=train_rate, log=log)
     click.echo("\n".join(report["table"]))
     click.echo(f"wrote {out}/accuracy.json, accuracy.txt, accuracy.png")

@@ -188,7 +188,12 @@ def build_timm(arch: str, checkpoint: str | None, spec: str) -> tuple[torch.nn.M
         load_state_dict_by_position(model, state)
     elif checkpoint is not None:
         state = _load_checkpoint(checkpoint)
-        state = {k: v for k, v in state.items() if not k.startswith(("classifier.", "fc.", "head.fc."))}
+        # Drop the checkpoint's classification head: the model is built without one (num_classes=0). Its name
+        # comes from timm's config ("head" for ViTs, "classifier", "fc", "head.fc", tuples for distilled ones).
+        heads = (model.pretrained_cfg or {}).get("classifier") or ()
+        heads = (heads,) if isinstance(heads, str) else tuple(heads)
+        prefixes = tuple(f"{h}." for h in heads) + ("classifier.", "fc.", "head.fc.")
+        state = {k: v for k, v in state.items() if not k.startswith(prefixes)}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise EncoderError(f"{checkpoint} does not fit timm:{arch}: missing {missing[:5]}, "

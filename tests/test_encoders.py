@@ -62,6 +62,23 @@ def test_timm_checkpoint_and_fingerprint(tmp_path):
     assert x.shape[0] == 3 and encoder.encode(x[None], CPU).shape == (1, encoder.dim)
 
 
+@pytest.mark.parametrize("arch", ["test_vit", "test_convnext"])
+def test_timm_checkpoint_with_its_classifier_head_loads(tmp_path, arch):
+    """A timm checkpoint as published (ViT `head.*`, ConvNeXt `head.fc.*`) loads into the headless encoder."""
+    import timm
+
+    path = str(tmp_path / "w.pth")
+    torch.manual_seed(0)
+    full = timm.create_model(arch, pretrained=False)
+    torch.save(full.state_dict(), path)
+    encoder = enc.load_image_encoder(f"timm:{arch}", path)
+    x = encoder.preprocess(Image.new("RGB", (50, 40), (200, 10, 10)))[None]
+    full.reset_classifier(0)
+    full.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.encode(x, CPU).float(), full(x).float(), rtol=2e-2, atol=2e-2)
+
+
 def test_timm_without_checkpoint_is_refused():
     with pytest.raises(enc.EncoderError, match="--image-checkpoint"):
         enc.load_image_encoder("timm:test_efficientnet")

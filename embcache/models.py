@@ -23,7 +23,7 @@ PREDICTOR_TRAINING = ("staged", "joint")
 SELECTIONS = ("loss", "metric")
 # What a run saved before a setting existed did: FitConfig.from_dict fills these in for old config.json files.
 LEGACY_SETTINGS = {"indicators": False, "substitute": 0.0, "predictor_training": "joint", "shrink": False,
-                   "select": "metric"}
+                   "select": "metric", "input_dropout": 0.0, "cross_fit": 0}
 # direction name -> (source modality, target modality)
 DIRECTIONS = {"image_to_text": ("image", "text"), "text_to_image": ("text", "image")}
 
@@ -61,7 +61,7 @@ class FitConfig:
     classifier_hidden: int = 512
     classifier_depth: int = 2
     classifier_dropout: float = 0.1
-    input_dropout: float = 0.0          # dropout on the classifier's input features (a strong regulariser for wide
+    input_dropout: float = 0.3          # dropout on the classifier's input features (a strong regulariser for wide
                                         # embeddings on small sets)
     indicators: bool = True             # the classifier also sees which modalities are real (every impute mode)
     # On training rows with both modalities, replace one of them (image or text, even odds) by its stand-in
@@ -74,8 +74,9 @@ class FitConfig:
     predictor_training: str = "staged"
     predictor_epochs: int = 100
     predictor_patience: int = 10        # staged: stop after this many epochs without a better val R2
-    # staged: scale each predicted dimension by its least-squares factor on val pairs, clipped to [0, 1], so a
-    # prediction that knows little about a dimension falls back towards the train mean
+    cross_fit: int = 3                  # staged: K folds of out-of-fold predictions for substitution (< 2: off)
+    # staged: scale the predictions by their least-squares factor on val pairs, clipped to [0, 1], so a
+    # prediction that knows little falls back towards the train mean
     shrink: bool = True
     # objective: task loss + alpha * (VICReg(image->text) + VICReg(text->image))
     alpha: float = 1.0
@@ -85,7 +86,7 @@ class FitConfig:
     detach_target: bool = True          # no gradient through the target branch (matters with an expander)
     # model selection: the epoch with the best val task loss ("loss") or val main metric ("metric"), under the
     # selection scenario
-    select: str = "loss"
+    select: str = "metric"
     # optimisation
     epochs: int = 30
     batch_size: int = 256               # upper bound; small train sets use smaller batches
@@ -167,6 +168,11 @@ class FusionModel(nn.Module):
         for m in MODALITIES:
             self.register_buffer(f"mean_{m}", torch.zeros(dims[m]))
             self.register_buffer(f"std_{m}", torch.ones(dims[m]))
+        # The classifier first: its initial weights are then the same for every impute mode (paired comparisons)
+        self.indicators = cfg.indicators
+        self.classifier = mlp(sum(dims[m] for m in MODALITIES) + (len(MODALITIES) if cfg.indicators else 0),
+                              n_outputs, cfg.classifier_hidden, cfg.classifier_depth, cfg.classifier_dropout,
+                              cfg.input_dropout)
         self.predictors = nn.ModuleDict()
         self.expanders = nn.ModuleDict()
         if cfg.impute == "predict":
@@ -176,13 +182,9 @@ class FusionModel(nn.Module):
             if cfg.expander_dim > 0:
                 for m in MODALITIES:  # one per target modality, shared by prediction and target
                     self.expanders[m] = mlp(dims[m], cfg.expander_dim, cfg.expander_dim, 2, 0.0)
-            if cfg.shrink and cfg.predictor_training == "staged":  # per-dimension factors set by the trainer
-                for name, (_, dst) in DIRECTIONS.items():
-                    self.register_buffer(f"shrink_{name}", torch.ones(dims[dst]))
-        self.indicators = cfg.indicators
-        self.classifier = mlp(sum(dims[m] for m in MODALITIES) + (len(MODALITIES) if cfg.indicators else 0),
-                              n_outputs, cfg.classifier_hidden, cfg.classifier_depth, cfg.classifier_dropout,
-                              cfg.input_dropout)
+            if cfg.shrink and cfg.predictor_training == "staged":  # one factor per direction, set by the trainer
+                for name in DIRECTIONS:
+                    self.register_buffer(f"shrink_{name}", torch.ones(()))
 
     @torch.no_grad()
     def set_normalization(self, mean: dict[str, torch.Tensor], std: dict[str, torch.Tensor]) -> None:
@@ -207,10 +209,15 @@ class FusionModel(nn.Module):
         return z, pred
 
     def forward(self, x: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
-                hide: dict[str, torch.Tensor] | None = None) -> FusionOutput:
+                hide: dict[str, torch.Tensor] | None = None,
+                first: dict[str, torch.Tensor] | None = None) -> FusionOutput:
         """x: raw embeddings per modality (B, D_m); has: bool (B,) per modality; hide: bool (B,) per modality,
-        rows whose real embedding the classifier gets the stand-in for instead (training substitution)."""
+        rows whose real embedding the classifier gets the stand-in for instead (training substitution); first:
+        direction -> predictions that replace the predictor's on the first rows (cross-fitted, training)."""
         z, pred = self.embed(x, has)
+        if first:
+            pred = {name: torch.cat([first[name], p[len(first[name]):]]) if name in first else p
+                    for name, p in pred.items()}
         shown = has if hide is None else {m: has[m] & ~hide[m] for m in MODALITIES}
         filled = {dst: torch.where(shown[dst].unsqueeze(1), z[dst], self.fill(dst, pred.get(name), shown[src], name))
                   for name, (src, dst) in DIRECTIONS.items()}

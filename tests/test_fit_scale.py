@@ -182,7 +182,8 @@ def accumulated_fit(store, cfg, world):
     data = load_dataset(store, stream=cfg.stream)
     prep = prepare(data, cfg, device, Ranks(0, world))
     share = prep.resolved["steps_per_epoch"] // world
-    model, _, optimizer, _ = make_model(data, replace(prep, ranks=Ranks()), cfg)  # no DDP wrapper
+    staged: dict = {}  # staged predictor training (every process trains the same predictors)
+    model, _, optimizer, _ = make_model(data, replace(prep, ranks=Ranks()), cfg, staged)  # no DDP wrapper
     schedule = torch.optim.lr_scheduler.LambdaLR(  # each process's schedule: `share` steps per epoch
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / (cfg.epochs * share))))
     rng = [torch.get_rng_state() for _ in range(world)]  # each process's dropout draws
@@ -196,7 +197,7 @@ def accumulated_fit(store, cfg, world):
             for r, (idx, n_paired, x) in enumerate(batches):
                 torch.set_rng_state(rng[r])
                 loss, _ = batch_loss(model, model, prep, idx, n_paired, cfg, data.task_type, x,
-                                     substitution_generator(generators[r], cfg, device))
+                                     substitution_generator(generators[r], cfg, device), staged)
                 (loss / world).backward()  # DDP: the mean of the processes' gradients
                 rng[r] = torch.get_rng_state()
             optimizer.step()

@@ -9,6 +9,7 @@ from embcache.cli.common import parse_options, user_errors
 from embcache.cli.extract import encoder_options
 from embcache.datasets import DatasetError
 from embcache.encoders import EncoderError
+from embcache.missing import MISSING_TYPES
 from embcache.models import FitConfig, FitError
 from embcache.store import StoreError
 
@@ -53,6 +54,14 @@ def _fit_options(ctx, param, value: tuple[str, ...]) -> dict:
     return out
 
 
+def _test_types(ctx, param, value: str) -> tuple[str, ...]:
+    types = tuple(t.strip() for t in value.split(",") if t.strip())
+    unknown = [t for t in types if t not in MISSING_TYPES]
+    if not types or unknown:
+        raise click.BadParameter(f"{value!r}: give one or more of {', '.join(MISSING_TYPES)}")
+    return types
+
+
 @click.command("accuracy")
 @click.option("--dataset", "datasets", multiple=True, metavar="NAME",
               help="A dataset to extract and benchmark, with its --root (repeatable, in pairs): mmimdb, food101, "
@@ -64,6 +73,8 @@ def _fit_options(ctx, param, value: tuple[str, ...]) -> dict:
               type=click.Choice(["synthetic-predictable", "synthetic-weak"]),
               help="A built-in synthetic cache (repeatable): cross-modal R2 about 0.6 (predictable) or 0.1 (weak).")
 @click.option("--seeds", default="0,1,2", show_default=True, callback=_seeds, help="Training seeds.")
+@click.option("--test-types", default=",".join(MISSING_TYPES), show_default=True, callback=_test_types,
+              help="Missing types of the grid (comma-separated; missing training uses the same type).")
 @click.option("--test-rate", type=click.FloatRange(0, 1), default=D.test_missing_rate, show_default=True)
 @click.option("--train-rate", type=click.FloatRange(0, 1), default=D.train_missing_rate, show_default=True,
               help="Missing rate of the 'missing' training setting (the 'complete' setting uses 0).")
@@ -86,7 +97,7 @@ def _fit_options(ctx, param, value: tuple[str, ...]) -> dict:
 @click.option("--out", default="bench-accuracy", show_default=True, type=click.Path(file_okay=False),
               help="Folder for accuracy.json, accuracy.txt and accuracy.png (with --dataset: paper.md, paper.json).")
 @user_errors(FitError, DatasetError, EncoderError, StoreError, ValueError)
-def accuracy_command(datasets, roots, stores, synthetic_names, seeds, test_rate, train_rate, missing_seed, epochs,
+def accuracy_command(datasets, roots, stores, synthetic_names, seeds, test_types, test_rate, train_rate, missing_seed, epochs,
                      fit_options, device, threads, cache, batch_size, workers, overwrite, out, **encoders):
     """Predict vs zero vs mean fill, in complete and missing training.
 
@@ -108,6 +119,7 @@ def accuracy_command(datasets, roots, stores, synthetic_names, seeds, test_rate,
             raise click.ClickException("--dataset cannot be combined with --store or --synthetic; run them apart")
         pairs = pair_sources(datasets, roots)
         report = run_paper(pairs, base, seeds=seeds, encoders=encoders, cache=cache, out=out, test_rate=test_rate,
+                           test_types=test_types,
                            train_rate=train_rate, batch_size=batch_size, workers=workers, overwrite=overwrite,
                            log=log)
         click.echo("\n".join(report["markdown"]))
@@ -118,6 +130,6 @@ def accuracy_command(datasets, roots, stores, synthetic_names, seeds, test_rate,
     if not stores and not synthetic_names:
         raise click.UsageError("give at least one --dataset NAME --root PATH, --store or --synthetic")
     report = run_bench(list(stores), list(synthetic_names), base, seeds=seeds, out=out, test_rate=test_rate,
-                       train_rate=train_rate, log=log)
+                       train_rate=train_rate, test_types=test_types, log=log)
     click.echo("\n".join(report["table"]))
     click.echo(f"wrote {out}/accuracy.json, accuracy.txt, accuracy.png")

@@ -7,7 +7,8 @@ import click
 
 from embcache.cli.common import user_errors
 from embcache.missing import MISSING_TYPES
-from embcache.models import IMPUTE_MODES, PREDICTORS, SHUFFLES, FitConfig, FitError
+from embcache.kernels import BACKENDS, FP32_PRECISIONS
+from embcache.models import IMPUTE_MODES, PREDICTOR_TRAINING, PREDICTORS, SELECTIONS, SHUFFLES, FitConfig, FitError
 
 D = FitConfig()  # defaults shown in --help come from the config dataclass, the single source
 
@@ -53,6 +54,30 @@ RATE = click.FloatRange(0.0, 1.0)
 @click.option("--vicreg-std", type=float, default=D.vicreg_std, show_default=True)
 @click.option("--vicreg-cov", type=float, default=D.vicreg_cov, show_default=True)
 @click.option("--detach-target/--no-detach-target", default=D.detach_target, show_default=True)
+@click.option("--vicreg-backend", type=click.Choice(BACKENDS), default=D.vicreg_backend, show_default=True,
+              help="auto: the Triton kernels on CUDA once they pass a self-check against the PyTorch closed form "
+                   "(else PyTorch, with one warning); triton: no fallback; torch: the PyTorch closed form.")
+@click.option("--vicreg-precision", type=click.Choice(FP32_PRECISIONS), default=D.vicreg_precision,
+              show_default=True, help="fp32 dot precision of the Triton kernels (tf32 operands are rounded to "
+                                      "nearest; ieee is exact fp32).")
+@click.option("--predictor-training", type=click.Choice(PREDICTOR_TRAINING), default=D.predictor_training,
+              show_default=True, help="staged: predictors first (VICReg, early stopping on val R2, cross-fitted, "
+                                      "shrunk), then frozen; joint: with the classifier on task + alpha * VICReg.")
+@click.option("--predictor-epochs", type=click.IntRange(1), default=D.predictor_epochs, show_default=True,
+              help="Most epochs of staged predictor training.")
+@click.option("--predictor-patience", type=click.IntRange(1), default=D.predictor_patience, show_default=True)
+@click.option("--cross-fit", type=click.IntRange(0), default=D.cross_fit, show_default=True,
+              help="Folds of out-of-fold predictions that training substitution uses (< 2: off).")
+@click.option("--shrink/--no-shrink", default=D.shrink, show_default=True,
+              help="Scale predictions towards the train mean by their least-squares factor on val pairs.")
+@click.option("--substitute", type=click.FloatRange(0, 1), default=D.substitute, show_default=True,
+              help="Probability that a training row with both modalities gets one replaced by its stand-in.")
+@click.option("--indicators/--no-indicators", default=D.indicators, show_default=True,
+              help="Give the classifier the two presence bits (real embedding or stand-in).")
+@click.option("--input-dropout", type=click.FloatRange(0, 1), default=D.input_dropout, show_default=True,
+              help="Dropout on the classifier's input features.")
+@click.option("--select", type=click.Choice(SELECTIONS), default=D.select, show_default=True,
+              help="Keep the epoch with the best val main metric or the lowest val task loss.")
 @click.option("--expander-dim", type=click.IntRange(0), default=D.expander_dim, show_default=True,
               help="> 0: apply VICReg after a 2-layer expander of this width.")
 @click.option("--predictor", type=click.Choice(PREDICTORS), default=D.predictor, show_default=True,

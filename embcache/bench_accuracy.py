@@ -219,7 +219,7 @@ def format_report(report: dict) -> list[str]:
                            for i in imputes] + ["", ""])
         probe = s["probe"]
         rows.append(["linear probe", "full"] + [f"{probe['mean']['full']:.3f}"] + [""] * (len(imputes) + 1))
-        for test_type in MISSING_TYPES:
+        for test_type in s.get(SETTINGS[0], {}):
             key = f"missing-{test_type}"
             rows.append(["linear probe", key] + [f"zero {probe['zero'][key]:.3f}", f"mean {probe['mean'][key]:.3f}"]
                         + [""] * len(imputes))
@@ -266,14 +266,14 @@ def plot_report(report: dict, path: str | Path) -> None:
 
 def run_bench(stores: list[str], synthetic_names: list[str], base: FitConfig, *, seeds: list[int],
               out: str | Path | None = None, test_rate: float = 0.7, train_rate: float = 0.7,
-              log=print) -> dict:
+              test_types=MISSING_TYPES, log=print) -> dict:
     datasets = []
     sources = [(Path(url.rstrip("/")).stem, lambda url=url: load_dataset(url)) for url in stores]
     sources += [(name, lambda name=name: synthetic_dataset(name)) for name in synthetic_names]
     for name, load in sources:
-        log(f"{name}: training {len(SETTINGS) * len(MISSING_TYPES) * len(IMPUTE_MODES) * len(seeds)} runs")
+        log(f"{name}: training {len(SETTINGS) * len(test_types) * len(IMPUTE_MODES) * len(seeds)} runs")
         datasets.append(run_dataset(name, load(), base, seeds=seeds, test_rate=test_rate, train_rate=train_rate,
-                                    log=log))
+                                    test_types=test_types, log=log))
     report = {"schema": SCHEMA, "config": {k: v for k, v in vars(base).items()
                                            if k not in ("store", "val_store", "test_store")},
               "versions": {"torch": torch.__version__}, "datasets": datasets}

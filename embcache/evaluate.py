@@ -630,7 +630,7 @@ def format_table(metrics: dict) -> str:
     if selection.get("best_epoch"):
         lines.append(f"best epoch {selection['best_epoch']}/{selection['epochs']} by val {selection['metric']} "
                      f"under {selection['scenario']}")
-    for name, q in metrics["predictor"].items():
+    for name, q in metrics["predictor"].items() if metrics.get("impute") == "predict" else ():
         if q["r2"] is not None:
             lines.append(f"predictor {name}: cosine {q['cosine']:.4f}, r2 {q['r2']:.4f} (test rows with both)")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from embcache.kernels import vicreg_loss
+from embcache.kernels import BACKENDS, FP32_PRECISIONS, vicreg_loss
 from embcache.missing import MISSING_TYPES, MODALITIES
 
 IMPUTE_MODES = ("predict", "zero", "mean")
@@ -23,7 +23,7 @@ PREDICTOR_TRAINING = ("staged", "joint")
 SELECTIONS = ("loss", "metric")
 # What a run saved before a setting existed did: FitConfig.from_dict fills these in for old config.json files.
 LEGACY_SETTINGS = {"indicators": False, "substitute": 0.0, "predictor_training": "joint", "shrink": False,
-                   "select": "metric", "input_dropout": 0.0, "cross_fit": 0}
+                   "select": "metric", "input_dropout": 0.0, "cross_fit": 0, "vicreg_precision": "ieee"}
 # direction name -> (source modality, target modality)
 DIRECTIONS = {"image_to_text": ("image", "text"), "text_to_image": ("text", "image")}
 
@@ -73,7 +73,7 @@ class FitConfig:
     #   joint:  together with the classifier, on task loss + alpha * VICReg (the paper's objective).
     predictor_training: str = "staged"
     predictor_epochs: int = 100
-    predictor_patience: int = 10        # staged: stop after this many epochs without a better val R2
+    predictor_patience: int = 5         # staged: stop after this many epochs without a better val R2
     cross_fit: int = 3                  # staged: K folds of out-of-fold predictions for substitution (< 2: off)
     # staged: scale the predictions by their least-squares factor on val pairs, clipped to [0, 1], so a
     # prediction that knows little falls back towards the train mean
@@ -84,6 +84,10 @@ class FitConfig:
     vicreg_std: float = 25.0
     vicreg_cov: float = 1.0
     detach_target: bool = True          # no gradient through the target branch (matters with an expander)
+    # VICReg's implementation (embcache.kernels, docs/vicreg-kernel.md): auto = the Triton kernels on CUDA once
+    # they pass their self-check, else the PyTorch closed form; triton = no fallback (raise); torch = PyTorch.
+    vicreg_backend: str = "auto"
+    vicreg_precision: str = "tf32"      # fp32 dot precision on the Triton path: ieee | tf32 | tf32x3
     # model selection: the epoch with the best val task loss ("loss") or val main metric ("metric"), under the
     # selection scenario
     select: str = "metric"
@@ -117,6 +121,10 @@ class FitConfig:
             raise FitError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
         if self.predictor_training not in PREDICTOR_TRAINING:
             raise FitError(f"predictor_training must be one of {PREDICTOR_TRAINING}, got {self.predictor_training!r}")
+        if self.vicreg_backend not in BACKENDS:
+            raise FitError(f"vicreg_backend must be one of {BACKENDS}, got {self.vicreg_backend!r}")
+        if self.vicreg_precision not in FP32_PRECISIONS:
+            raise FitError(f"vicreg_precision must be one of {FP32_PRECISIONS}, got {self.vicreg_precision!r}")
         if self.select not in SELECTIONS:
             raise FitError(f"select must be one of {SELECTIONS}, got {self.select!r}")
         if not 0.0 <= self.substitute <= 1.0:
@@ -163,7 +171,8 @@ class FusionModel(nn.Module):
         super().__init__()
         self.impute = cfg.impute
         self.dims = dict(dims)
-        self.vicreg_weights = dict(sim=cfg.vicreg_sim, std=cfg.vicreg_std, cov=cfg.vicreg_cov)
+        self.vicreg_weights = dict(sim=cfg.vicreg_sim, std=cfg.vicreg_std, cov=cfg.vicreg_cov,
+                                   backend=cfg.vicreg_backend, fp32_precision=cfg.vicreg_precision)
         self.detach_target = cfg.detach_target
         for m in MODALITIES:
             self.register_buffer(f"mean_{m}", torch.zeros(dims[m]))

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from embcache import kernels as vicreg_kernels
 from embcache import plots
 from embcache.evaluate import (MAIN_METRIC, Dataset, SplitData, SplitTensors, check_finite, dataset_bytes,
                                load_dataset, masks_to, predict_split, r2_score, scenario_metrics, summarize,
@@ -40,7 +41,7 @@ from embcache.evaluate import (MAIN_METRIC, Dataset, SplitData, SplitTensors, ch
 from embcache.missing import MODALITIES, apply_missing, scenario_of, scenario_present
 from embcache.models import DIRECTIONS, FitConfig, FitError, FusionModel, FusionOutput
 from embcache.prompts import attach_prompt_predictors, resolve_predictors
-from embcache.runtime import Ranks, looks_like_run, resolve_device
+from embcache.runtime import Ranks, bind_local_cuda_device, looks_like_run, resolve_device
 from embcache.store import local_path
 from embcache.stream import Moments, StreamedBatches, chunk_groups, chunked_order, memory_budget_bytes
 
@@ -558,11 +559,9 @@ def fit(cfg: FitConfig, out: str | Path, *, seeds: list[int] | None = None, over
                           if (v := getattr(cfg, k)) and "://" not in v})
     out = Path(out)
     check_output(out, cfg, overwrite)
-    device = resolve_device(cfg.device)
+    device = bind_local_cuda_device(resolve_device(cfg.device))  # torchrun: this process's GPU, before NCCL
     ranks = Ranks.from_env(device)
     try:
-        if ranks.world > 1 and device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", ranks.rank)) % torch.cuda.device_count())
         return _fit(cfg, out, seeds, progress, device, ranks, log)
     finally:
         ranks.close()
@@ -610,6 +609,13 @@ def _fit(cfg: FitConfig, out: Path, seeds: list[int], progress: bool, device: to
     data = load_dataset(cfg.store, cfg.val_store, cfg.test_store, hidden=cfg.predictor == "prompts",
                         allow_partial=cfg.allow_partial, stream=stream, log=say)
     prep = prepare(data, cfg, device, ranks)
+    if cfg.impute == "predict":  # pays the Triton self-check (CUDA) before training, and says what runs
+        backend = vicreg_kernels.resolve_backend(device, torch.float32, cfg.vicreg_precision, cfg.vicreg_backend)
+        prep.resolved["vicreg_backend"] = {"requested": cfg.vicreg_backend, "used": backend,
+                                           "precision": cfg.vicreg_precision,
+                                           "self_checks": vicreg_kernels.self_check_results()}
+        say(f"VICReg backend: {backend} (requested {cfg.vicreg_backend}"
+            + (f", fp32 precision {cfg.vicreg_precision})" if backend == "triton" else ")"))
     if ranks.world > 1:
         say(f"fit on {ranks.world} processes: {prep.resolved['steps_per_epoch'] // ranks.world} of the "
             f"{prep.resolved['steps_per_epoch']} batches of each epoch per process")

@@ -1,0 +1,139 @@
+"""The fusion trainer's parts: indicators, training substitution, staged predictors (cross-fitting, shrinkage),
+model selection, and configs saved before these settings existed."""
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from embcache import synthetic
+from embcache import train as train_module
+from embcache.bench_accuracy import linear_probe, run_cell
+from embcache.evaluate import dataset_from_features, r2_score
+from embcache.models import LEGACY_SETTINGS, FitConfig, FusionModel
+from embcache.train import prepare, shrink_factor, substitution, train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SMALL = dict(predictor_hidden=64, classifier_hidden=64, epochs=8, predictor_epochs=30)
+
+
+@pytest.fixture(scope="module")
+def predictable():
+    """Modalities that share most of their latent: cross-modal R2 well above 0.3."""
+    features = synthetic.make_features(n_train=600, n_val=200, n_test=300, d_image=24, d_text=16, n_classes=4,
+                                       task_type="multiclass", shared_dim=8, private_dim=2, noise=0.3, seed=3)
+    return dataset_from_features(features, "synthetic:predictable")
+
+
+@pytest.fixture(scope="module")
+def unrelated():
+    """Modalities that share nothing: no predictor beats the mean."""
+    features = synthetic.make_features(n_train=400, n_val=150, n_test=200, d_image=24, d_text=16, n_classes=4,
+                                       task_type="multiclass", shared_dim=0, private_dim=8, noise=0.3, seed=4)
+    return dataset_from_features(features, "synthetic:unrelated")
+
+
+def test_indicators_widen_the_classifier_and_reach_it():
+    dims = {"image": 6, "text": 4}
+    model = FusionModel(dims, 3, FitConfig(impute="mean", input_dropout=0.0, classifier_dropout=0.0)).eval()
+    assert model.classifier[0].in_features == 6 + 4 + 2
+    x = {m: torch.zeros(2, d) for m, d in dims.items()}  # the real embedding equals the mean: only the bits differ
+    both = {m: torch.tensor([True, True]) for m in dims}
+    without_text = {"image": torch.tensor([True, True]), "text": torch.tensor([True, False])}
+    out_both, out_missing = model(x, both).logits, model(x, without_text).logits
+    assert torch.equal(out_both[0], out_missing[0]) and not torch.equal(out_both[1], out_missing[1])
+    legacy = FusionModel(dims, 3, FitConfig.from_dict({"impute": "mean"}))
+    assert isinstance(legacy.classifier[0], torch.nn.Linear)  # no input dropout in front
+    assert legacy.classifier[0].in_features == 10  # no indicators
+
+
+def test_substitution_hides_one_modality_of_paired_rows_only():
+    generator = torch.Generator().manual_seed(0)
+    hide = substitution(10_000, 6_000, 0.3, torch.device("cpu"), generator)
+    assert not (hide["image"] & hide["text"]).any()  # never both
+    assert not hide["image"][6_000:].any() and not hide["text"][6_000:].any()  # unpaired rows keep theirs
+    rate = (hide["image"] | hide["text"])[:6_000].float().mean().item()
+    assert abs(rate - 0.3) < 0.03 and abs(hide["image"][:6_000].float().mean().item() - 0.15) < 0.02
+    assert substitution(10, 5, 0.0, torch.device("cpu")) is None
+
+
+def test_shrink_factor_is_the_clipped_least_squares_scale():
+    rng = np.random.default_rng(0)
+    target = torch.as_tensor(rng.standard_normal((500, 8)))
+    pred = 2.0 * target + 0.1 * torch.as_tensor(rng.standard_normal((500, 8)))
+    expected = float((pred * target).sum() / (pred * pred).sum())
+    assert shrink_factor(pred, target) == pytest.approx(expected, rel=1e-5) and 0.45 < expected < 0.5
+    assert shrink_factor(-pred, target) == 0.0  # anti-correlated: the mean
+    assert shrink_factor(0.5 * target, target) == 1.0  # never inflated
+
+
+def test_a_useless_predictor_gives_exactly_mean_imputation(unrelated):
+    """Shrunk to nothing (val R2 <= 0 gives factor 0), the prediction is the train mean, and the classifier trains
+    on the same initial weights and random draws as with --impute mean: the same model, bit for bit."""
+    device = torch.device("cpu")
+    cfg = FitConfig(train_missing_rate=0.7, **SMALL)
+    predict = run_cell(unrelated, cfg, device)
+    mean = run_cell(unrelated, FitConfig(**{**asdict(cfg), "impute": "mean"}), device)
+    prep = prepare(unrelated, cfg, device)
+    result = train(unrelated, prep, cfg, progress=False)
+    assert result.predictors["shrink"] == {"image_to_text": 0.0, "text_to_image": 0.0}
+    assert predict["test"] == mean["test"]
+
+
+def test_staged_predictors_reach_ridge_quality_and_keep_their_shrink(predictable):
+    device = torch.device("cpu")
+    cfg = FitConfig(train_missing_rate=0.0, **SMALL)
+    prep = prepare(predictable, cfg, device)
+    result = train(predictable, prep, cfg, progress=False)
+    summary = result.predictors
+    assert summary["cross_fit"] == 3 and summary["predictor_val_r2"] > 0.5
+    assert all(0.7 < c <= 1.0 for c in summary["shrink"].values())
+    model = result.model
+    assert all(float(getattr(model, f"shrink_{name}")) == c for name, c in summary["shrink"].items())
+    assert not any(p.requires_grad for p in model.predictors.parameters())  # frozen for the classifier
+    model.train()
+    assert not any(m.training for m in model.predictors.modules())  # and no dropout on its predictions
+
+
+def test_out_of_fold_predictions_are_as_good_as_new_rows():
+    """The classifier's substituted predictions on training pairs come from predictors that did not see those
+    rows: far less accurate than the in-sample predictions of an over-fitting predictor (few pairs, wide MLP)."""
+    device = torch.device("cpu")
+    predictable = dataset_from_features(synthetic.make_features(
+        n_train=120, n_val=100, n_test=50, d_image=24, d_text=16, n_classes=4, task_type="multiclass",
+        shared_dim=8, private_dim=2, noise=0.3, seed=5), "synthetic:few")
+    cfg = FitConfig(train_missing_rate=0.0, predictor_hidden=512, predictor_dropout=0.0, weight_decay=0.0,
+                    classifier_hidden=32, epochs=1, predictor_epochs=60, predictor_patience=60)
+    prep = prepare(predictable, cfg, device)
+    staged = {}
+    model, *_ = train_module.make_model(predictable, prep, cfg, staged)
+    pairs = train_module.gather_rows(prep.train_split, prep.train, prep.paired_mask, device, 2)
+    in_sample = train_module.predictions(model, pairs)
+    for name, (pred, target) in in_sample.items():
+        oof = staged["out_of_fold"][name][staged["paired_position"][prep.paired]]
+        assert r2_score(pred, target) > r2_score(oof, target) + 0.1, name  # the full predictor over-fits
+        assert r2_score(oof, target) > 0.2
+
+
+def test_selection_by_loss_keeps_the_lowest_val_loss_epoch(predictable):
+    cfg = FitConfig(impute="zero", select="loss", **SMALL)
+    result = train(predictable, prepare(predictable, cfg, torch.device("cpu")), cfg, progress=False)
+    losses = [row["val_loss"] for row in result.curves]
+    assert result.best_epoch == 1 + int(np.argmin(losses))
+
+
+def test_legacy_configs_keep_their_behaviour():
+    old = FitConfig.from_dict({"impute": "predict", "epochs": 3})
+    for key, value in LEGACY_SETTINGS.items():
+        assert getattr(old, key) == value
+    assert old.epochs == 3
+    assert FitConfig.from_dict({**asdict(FitConfig()), "resolved": {}}) == FitConfig()
+
+
+def test_linear_probe_beats_chance_and_fills(predictable):
+    probe = linear_probe(predictable, 0.7, 0, torch.device("cpu"))
+    full = probe["test"]["mean"]["full"]["accuracy"]
+    assert full > 0.6 and probe["l2"] in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+    assert probe["test"]["zero"]["full"] == probe["test"]["mean"]["full"]  # nothing missing: same inputs
+    assert probe["test"]["mean"]["missing-both"]["accuracy"] < full

@@ -192,6 +192,14 @@ def summarize(cells: list[dict], probe: dict, main: str, imputes, test_types) ->
     return out
 
 
+def _cell(stats: dict) -> str:
+    return "n/a" if stats["mean"] is None else f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def format_report(report: dict) -> list[str]:
     """The table: per dataset, rows (setting, test type), columns impute modes, cells mean ± std over seeds."""
     lines = []
@@ -206,27 +214,30 @@ def format_report(report: dict) -> list[str]:
         for setting in SETTINGS:
             for test_type, by_impute in s.get(setting, {}).items():
                 row = [setting if setting == "complete" else f"missing {ds['train_rate']}", f"missing-{test_type}"]
-                row += [f"{by_impute[i]['missing']['mean']:.3f} ± {by_impute[i]['missing']['std']:.3f}" for i in imputes]
+                row += [_cell(by_impute[i]["missing"]) for i in imputes]
                 baselines = [by_impute[i]["missing"]["mean"] for i in imputes if i != "predict"]
-                row.append(f"{by_impute['predict']['missing']['mean'] - max(baselines):+.3f}"
-                           if "predict" in by_impute and baselines else "")
+                ok = "predict" in by_impute and baselines and None not in baselines + [by_impute["predict"]["missing"]["mean"]]
+                row.append(f"{by_impute['predict']['missing']['mean'] - max(baselines):+.3f}" if ok else "")
                 r2 = (by_impute.get("predict") or {}).get("r2")
-                row.append(f"{r2['mean']:.3f}" if r2 else "")
+                row.append(_num(r2["mean"]) if r2 else "")
                 rows.append(row)
             by_impute = next(iter(s.get(setting, {}).values()), {})
             rows.append([setting if setting == "complete" else f"missing {ds['train_rate']}", "full"]
-                        + [f"{by_impute[i]['full']['mean']:.3f} ± {by_impute[i]['full']['std']:.3f}"
-                           for i in imputes] + ["", ""])
+                        + [_cell(by_impute[i]["full"]) for i in imputes] + ["", ""])
         probe = s["probe"]
-        rows.append(["linear probe", "full"] + [f"{probe['mean']['full']:.3f}"] + [""] * (len(imputes) + 1))
+        rows.append(["linear probe", "full"] + [_num(probe["mean"]["full"])] + [""] * (len(imputes) + 1))
         for test_type in s.get(SETTINGS[0], {}):
             key = f"missing-{test_type}"
-            rows.append(["linear probe", key] + [f"zero {probe['zero'][key]:.3f}", f"mean {probe['mean'][key]:.3f}"]
+            rows.append(["linear probe", key] + [f"zero {_num(probe['zero'][key])}", f"mean {_num(probe['mean'][key])}"]
                         + [""] * len(imputes))
         widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
         lines.append("")
     return lines
+
+
+def _nan(value) -> float:
+    return float("nan") if value is None else value
 
 
 def plot_report(report: dict, path: str | Path) -> None:
@@ -245,14 +256,16 @@ def plot_report(report: dict, path: str | Path) -> None:
             imputes = list(s[setting][types[0]]) if types else []
             width = 0.8 / max(1, len(imputes))
             for k, impute in enumerate(imputes):
-                means = [s[setting][t][impute]["missing"]["mean"] for t in types]
+                means = [_nan(s[setting][t][impute]["missing"]["mean"]) for t in types]
                 stds = [s[setting][t][impute]["missing"]["std"] for t in types]
                 ax.bar([i + (k - (len(imputes) - 1) / 2) * width for i in range(len(types))], means, width,
                        yerr=stds, capsize=3, label=impute)
-            probe = [max(s["probe"]["zero"][f"missing-{t}"], s["probe"]["mean"][f"missing-{t}"]) for t in types]
+            probe = [max(_nan(s["probe"]["zero"][f"missing-{t}"]), _nan(s["probe"]["mean"][f"missing-{t}"]))
+                     for t in types]
             ax.plot(range(len(types)), probe, "k_", markersize=28, mew=2, label="linear probe (best fill)")
             ax.set_xticks(range(len(types)), [f"missing-{t}" for t in types])
-            values = [s[setting][t][i]["missing"]["mean"] for t in types for i in imputes] + probe
+            values = [v for v in [_nan(s[setting][t][i]["missing"]["mean"]) for t in types for i in imputes] + probe
+                      if v == v]
             if values:
                 ax.set_ylim(max(0.0, min(values) - 0.08), min(1.0, max(values) + 0.05))
             ax.set_ylabel(ds["metric"])

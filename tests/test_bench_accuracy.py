@@ -1,0 +1,41 @@
+"""`embcache bench accuracy`: the grid, its table, JSON and figure, on small synthetic caches."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from embcache import bench_accuracy
+from embcache.cli.bench_accuracy import accuracy_command
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = dict(n_train=300, n_val=120, n_test=150, d_image=16, d_text=12, n_classes=3, task_type="multiclass",
+            shared_dim=6, private_dim=2, noise=0.3, seed=1)
+
+
+def test_grid_writes_table_json_and_figure(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench_accuracy.SYNTHETIC, "synthetic-predictable", TINY)
+    result = CliRunner().invoke(accuracy_command, [
+        "--synthetic", "synthetic-predictable", "--seeds", "0,1", "--test-types", "both,image", "--epochs", "3",
+        "--fit-option", "predictor_hidden=32", "--fit-option", "classifier_hidden=32",
+        "--fit-option", "predictor_epochs=60", "--fit-option", "lr=0.003", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    (ds,) = report["datasets"]
+    # 3 impute modes x 2 settings x 2 test types x 2 seeds
+    assert len(ds["cells"]) == 24
+    assert {(c["setting"], c["test_type"]) for c in ds["cells"]} == {
+        (s, t) for s in ("complete", "missing") for t in ("both", "image")}
+    summary = ds["summary"]["missing"]["both"]
+    assert set(summary) == {"predict", "zero", "mean"} and summary["predict"]["missing"]["n"] == 2
+    assert summary["predict"]["r2"]["mean"] > 0.3 and summary["zero"]["r2"] is None
+    assert 0 < ds["summary"]["probe"]["mean"]["full"] <= 1
+    assert (tmp_path / "out" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    table = (tmp_path / "out" / "accuracy.txt").read_text()
+    assert "predict - best baseline" in table and "missing-image" in table and "linear probe" in table
+    assert "missing-text" not in table  # only the test types asked for
+
+
+def test_bad_test_types_are_refused():
+    result = CliRunner().invoke(accuracy_command, ["--synthetic", "synthetic-weak", "--test-types", "both,nope"])
+    assert result.exit_code == 2 and "nope" in result.output

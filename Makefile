@@ -52,3 +52,13 @@ icons: $(STAMP)
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 		(cd "$$tmp" && npm pack --silent '$(ICONS_PKG)' >/dev/null && tar xzf *.tgz) && \
 		$(PY) data/make_icons.py "$$tmp/package" --out data/icons
+
+# Issue 11's accuracy benchmark: predict vs zero vs mean fill on the real icon set and a predictable synthetic
+# cache (BENCHMARKS.md "Accuracy"). The icon features are extracted once into $(BENCH)/icons.zarr.
+BENCH ?= bench-out
+.PHONY: bench-accuracy
+bench-accuracy: $(STAMP)
+	test -d $(BENCH)/icons.zarr || $(OFFLINE) $(EMBCACHE) extract --dataset manifest --root data/icons/manifest.jsonl \
+		--out $(BENCH)/icons.zarr --quiet
+	$(OFFLINE) $(EMBCACHE) bench accuracy --store $(BENCH)/icons.zarr --synthetic synthetic-predictable \
+		--test-types both --seeds 0,1,2 --out $(BENCH)/accuracy

@@ -1,6 +1,6 @@
 """Dataset readers: turn a dataset on disk into a list of :class:`Sample` rows.
 
-Four formats are read (see ``docs`` and ``/work/shared/reference/protocol.md``):
+Four formats are read (see ``docs``):
 
 * ``mmimdb`` -- MM-IMDb: ``dataset/<id>.jpeg``, ``dataset/<id>.json`` and ``split.json``.
 * ``food101`` -- UPMC Food-101: ``images/{train,test}/<class>/<file>.jpg`` and

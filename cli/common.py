@@ -34,3 +34,26 @@ def user_errors(*error_types: type[Exception]):
                 raise click.ClickException(str(exc)) from exc
         return inner
     return wrap
+
+
+def protocol_options(fn):
+    """The missing-modality protocol's flags (embcache/missing.py), with fit's defaults; `fit` and `tune` share
+    them so that both hide the same rows."""
+    from embcache.missing import MISSING_TYPES
+    from embcache.models import FitConfig
+
+    d, rate = FitConfig(), click.FloatRange(0.0, 1.0)
+    for option in reversed([
+        click.option("--train-missing-rate", type=rate, default=d.train_missing_rate, show_default=True,
+                     help="Rate of the training protocol (tune: train only on the rows that keep the modality)."),
+        click.option("--train-missing-type", type=click.Choice(MISSING_TYPES), default=d.train_missing_type,
+                     show_default=True),
+        click.option("--test-missing-rate", type=rate, default=d.test_missing_rate, show_default=True,
+                     help="Rate of the missing-* scenarios; the val one selects the best epoch."),
+        click.option("--test-missing-type", type=click.Choice(MISSING_TYPES), default=d.test_missing_type,
+                     show_default=True, help="The val scenario that selects the best epoch."),
+        click.option("--missing-seed", type=int, default=d.missing_seed, show_default=True,
+                     help="Seed of the protocol's hash (the same rows go missing for every run that uses it)."),
+    ]):
+        fn = option(fn)
+    return fn

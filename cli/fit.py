@@ -5,8 +5,7 @@ import json
 
 import click
 
-from embcache.cli.common import user_errors
-from embcache.missing import MISSING_TYPES
+from embcache.cli.common import protocol_options, user_errors
 from embcache.kernels import BACKENDS, FP32_PRECISIONS
 from embcache.models import IMPUTE_MODES, PREDICTOR_TRAINING, PREDICTORS, SELECTIONS, SHUFFLES, FitConfig, FitError
 
@@ -33,15 +32,7 @@ RATE = click.FloatRange(0.0, 1.0)
               help="What stands in for an absent modality: the predicted embedding, zeros, or the train mean.")
 @click.option("--val-store", default=None, help="Use all rows of this store as the val split.")
 @click.option("--test-store", default=None, help="Use all rows of this store as the test split.")
-@click.option("--train-missing-rate", type=RATE, default=D.train_missing_rate, show_default=True)
-@click.option("--train-missing-type", type=click.Choice(MISSING_TYPES), default=D.train_missing_type,
-              show_default=True)
-@click.option("--test-missing-rate", type=RATE, default=D.test_missing_rate, show_default=True,
-              help="Rate of the missing-* test scenarios.")
-@click.option("--test-missing-type", type=click.Choice(MISSING_TYPES), default=D.test_missing_type,
-              show_default=True, help="The val scenario that selects the best epoch.")
-@click.option("--missing-seed", type=int, default=D.missing_seed, show_default=True,
-              help="Seed of the protocol's hash (the same rows go missing for every --seeds run).")
+@protocol_options
 @click.option("--seeds", default=str(D.seed), show_default=True, callback=_seeds,
               help="Comma-separated training seeds; several give RUN/seed-<s>/ and a mean/std summary.")
 @click.option("--epochs", type=click.IntRange(1), default=D.epochs, show_default=True)

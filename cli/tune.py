@@ -3,15 +3,11 @@ from __future__ import annotations
 
 import click
 
-from embcache.cli.common import parse_options, user_errors
+from embcache.cli.common import protocol_options, parse_options, user_errors
 from embcache.cli.extract import base_encoder_options
 from embcache.datasets import DATASET_NAMES, DatasetError
 from embcache.encoders import EncoderError
-from embcache.missing import MISSING_TYPES
-from embcache.models import FitConfig
 
-D = FitConfig()  # the missing-modality protocol's defaults are fit's (TuneConfig reads the same dataclass)
-RATE = click.FloatRange(0.0, 1.0)
 
 
 @click.command("tune")
@@ -30,16 +26,7 @@ RATE = click.FloatRange(0.0, 1.0)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=2, show_default=True,
               help="Loader processes (decode, tokenize).")
-@click.option("--train-missing-rate", type=RATE, default=D.train_missing_rate, show_default=True,
-              help="Missing-modality protocol, as `fit` applies it: train only on the rows that keep the modality.")
-@click.option("--train-missing-type", type=click.Choice(MISSING_TYPES), default=D.train_missing_type,
-              show_default=True)
-@click.option("--test-missing-rate", type=RATE, default=D.test_missing_rate, show_default=True,
-              help="Rate of the validation scenario (fit's best-epoch selection).")
-@click.option("--test-missing-type", type=click.Choice(MISSING_TYPES), default=D.test_missing_type,
-              show_default=True, help="Type of the validation scenario.")
-@click.option("--missing-seed", type=int, default=D.missing_seed, show_default=True,
-              help="Seed of the protocol's hash; use fit's, so that both see the same rows missing.")
+@protocol_options
 @click.option("--out", required=True, help="BitFit file to write (safetensors, docs/bitfit-format.md).")
 @click.option("--resume/--no-resume", default=None,
               help="Continue from <out>.state.pt. Default: continue when it was made with the same arguments.")

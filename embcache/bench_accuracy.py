@@ -292,12 +292,19 @@ def run_bench(stores: list[str], synthetic_names: list[str], base: FitConfig, *,
               "versions": {"torch": torch.__version__}, "datasets": datasets}
     report["table"] = format_report(report)
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        with staged_file(out / "accuracy.json") as tmp, open(tmp, "w") as fh:
-            json.dump({k: v for k, v in report.items() if k != "table"}, fh, indent=1)
-        with staged_file(out / "accuracy.txt") as tmp, open(tmp, "w") as fh:
-            fh.write("\n".join(report["table"]) + "\n")
-        with staged_file(out / "accuracy.png") as tmp, open(tmp, "wb") as fh:
-            plot_report(report, fh)
+        write_report(out, "accuracy", report, "table", ".txt", figure=plot_report)
     return report
+
+
+def write_report(out: str | Path, stem: str, report: dict, text_key: str, text_suffix: str, figure=None) -> None:
+    """OUT/<stem>.json (the report without its text lines), OUT/<stem><text_suffix> (those lines) and, given a
+    `figure(report, file)` function, OUT/<stem>.png; each written atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with staged_file(out / f"{stem}.json") as tmp, open(tmp, "w") as fh:
+        json.dump({k: v for k, v in report.items() if k != text_key}, fh, indent=1)
+    with staged_file(out / f"{stem}{text_suffix}") as tmp, open(tmp, "w") as fh:
+        fh.write("\n".join(report[text_key]) + "\n")
+    if figure is not None:
+        with staged_file(out / f"{stem}.png") as tmp, open(tmp, "wb") as fh:
+            figure(report, fh)

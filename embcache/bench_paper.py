@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embcache.bench_accuracy import SETTINGS, run_dataset
+from embcache.bench_accuracy import SETTINGS, run_dataset, write_report
 from embcache.datasets import DATASET_NAMES
 from embcache.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
 from embcache.evaluate import labeled, load_dataset, metric_names
 from embcache.extract import ExtractConfig, extract
 from embcache.missing import MISSING_TYPES
 from embcache.models import IMPUTE_MODES, FitConfig, FitError
-from embcache.runtime import staged_file
 
 SCHEMA = "embcache.bench-paper/1"
 DEFAULT_CACHE = "bench-cache"
@@ -233,10 +232,5 @@ def run_paper(sources: list[tuple[str, str]], base: FitConfig, *, seeds: list[in
               "seconds": time.perf_counter() - started}
     report["markdown"] = format_markdown(report)
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        with staged_file(out / "paper.json") as tmp, open(tmp, "w") as fh:
-            json.dump({k: v for k, v in report.items() if k != "markdown"}, fh, indent=1)
-        with staged_file(out / "paper.md") as tmp, open(tmp, "w") as fh:
-            fh.write("\n".join(report["markdown"]) + "\n")
+        write_report(out, "paper", report, "markdown", ".md")
     return report

@@ -137,3 +137,22 @@ def test_linear_probe_beats_chance_and_fills(predictable):
     assert full > 0.6 and probe["l2"] in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
     assert probe["test"]["zero"]["full"] == probe["test"]["mean"]["full"]  # nothing missing: same inputs
     assert probe["test"]["mean"]["missing-both"]["accuracy"] < full
+
+
+def test_fit_records_and_prints_the_vicreg_backend(tmp_path):
+    import json
+
+    from embcache.train import fit
+
+    store = synthetic.make_store(str(tmp_path / "s.zarr"), n_train=200, n_val=80, n_test=80, d_image=12, d_text=8,
+                                 shared_dim=4, private_dim=2)
+    said = []
+    fit(FitConfig(store=store, vicreg_backend="auto", vicreg_precision="tf32", **SMALL), tmp_path / "run",
+        progress=False, log=said.append)
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    # on the CPU "auto" resolves to the PyTorch closed form, without a Triton self-check
+    assert {k: resolved["vicreg_backend"][k] for k in ("requested", "used", "precision")} == {
+        "requested": "auto", "used": "torch", "precision": "tf32"}
+    assert [m for m in said if m.startswith("VICReg backend")] == ["VICReg backend: torch (requested auto)"]
+    with pytest.raises(Exception, match="vicreg_backend"):
+        FitConfig(vicreg_backend="cuda")

@@ -6,10 +6,14 @@ are hidden behind the encoders.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import platform
 import tempfile
 import time
+
+from dataclasses import replace
 
 import torch
 
@@ -51,7 +55,33 @@ def pure_forward_seconds(cfg: ExtractConfig, dataset: ds.Dataset, batch_size: in
     return timings
 
 
+DEMO_MANIFEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "demo",
+                             "manifest.jsonl")
+
+
+@contextlib.contextmanager
+def bench_root(cfg: ExtractConfig):
+    """Without --root, the demo data: the manifest, or for `--dataset webdataset` the manifest written as shards
+    (100 samples each, one folder per split) in a temporary folder."""
+    if cfg.root is not None:
+        yield cfg.root
+    elif cfg.dataset == "webdataset":
+        from embcache.dataset_formats import write_webdataset
+
+        with tempfile.TemporaryDirectory() as tmp:
+            yield write_webdataset(ds.open_dataset("manifest", DEMO_MANIFEST), os.path.join(tmp, "shards"))
+    elif cfg.dataset == "manifest":
+        yield DEMO_MANIFEST
+    else:
+        raise ValueError(f"bench extract --dataset {cfg.dataset} needs --root")
+
+
 def run_extract_bench(cfg: ExtractConfig, limit: int | None = None) -> dict:
+    with bench_root(cfg) as root:
+        return _run_extract_bench(replace(cfg, root=root), limit)
+
+
+def _run_extract_bench(cfg: ExtractConfig, limit: int | None) -> dict:
     dataset = ds.open_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
     if limit:
         dataset.samples = dataset.samples[:limit]
@@ -65,7 +95,7 @@ def run_extract_bench(cfg: ExtractConfig, limit: int | None = None) -> dict:
     pure_rate = n / sum(pure.values())
     ratio = report.samples_per_s / pure_rate
     result = {
-        "samples": n, "batch_size": batch_size, "device": str(device), "workers": cfg.workers,
+        "dataset": cfg.dataset, "samples": n, "batch_size": batch_size, "device": str(device), "workers": cfg.workers,
         "pipeline_samples_per_s": round(report.samples_per_s, 2),
         "pure_forward_samples_per_s": round(pure_rate, 2),
         "pure_forward_seconds": {k: round(v, 3) for k, v in pure.items()},
@@ -76,7 +106,7 @@ def run_extract_bench(cfg: ExtractConfig, limit: int | None = None) -> dict:
         "encoders": {"image": cfg.image_encoder, "text": cfg.text_encoder},
     }
     result["table"] = [
-        f"extract bench: {n} samples, batch {batch_size}, {device}, {cfg.workers} loader workers",
+        f"extract bench: {cfg.dataset}, {n} samples, batch {batch_size}, {device}, {cfg.workers} loader workers",
         f"  pipeline (read+decode+tokenize+encode+write): {result['pipeline_samples_per_s']:>9.1f} samples/s",
         f"  encoders alone on pre-made tensors:           {result['pure_forward_samples_per_s']:>9.1f} samples/s"
         f"  (image {pure['image']:.2f} s, text {pure['text']:.2f} s)",
@@ -92,7 +122,11 @@ def run_process_scaling(cfg: ExtractConfig, counts: list[int], limit: int | None
     what a user waits for. With K processes, each gets max(1, workers // K) loader workers and
     max(1, threads // K) torch threads, so K processes share the same cores as one.
     """
-    import os
+    with bench_root(cfg) as root:
+        return _run_process_scaling(replace(cfg, root=root), counts, limit)
+
+
+def _run_process_scaling(cfg: ExtractConfig, counts: list[int], limit: int | None) -> dict:
     import socket
     import subprocess
     import sys

@@ -407,7 +407,8 @@ def test_extract_records_decode_failures_from_references(tiny, tmp_path, kind):
         bad = {"train/4": "truncated_image", "train/1": "missing_field", "train/3": "missing_file"}
     else:
         root = save_to_disk(tmp_path / "in", {"train": image_table()}, CLASS_FEATURES)
-        bad = {"train/4": "truncated_image", "train/1": "missing_field"}
+        bad = {"train/4": "truncated_image", "train/1": "missing_field",  # paths: relative to the Arrow file
+               "train/2": "missing_file", "train/3": "missing_file"}
     run_extract(tiny, kind, root, tmp_path / "s.zarr")
     store = st.open_store(str(tmp_path / "s.zarr"))
     names = store.reasons("image")

@@ -49,7 +49,7 @@ def check_images(dataset) -> None:
 
 
 def test_api_constants():
-    assert DATASET_NAMES == ("mmimdb", "food101", "hateful_memes", "manifest")
+    assert DATASET_NAMES == ("mmimdb", "food101", "hateful_memes", "manifest", "webdataset", "parquet", "hf")
     assert len(MMIMDB_GENRES) == 23 and MMIMDB_GENRES[0] == "Drama" and MMIMDB_GENRES[-1] == "Film-Noir"
     assert issubclass(DatasetError, ValueError)
     with pytest.raises(ValueError, match="unknown dataset"):

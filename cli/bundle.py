@@ -1,20 +1,16 @@
-"""`embcache export` and `embcache predict`."""
+"""`embcache export` and `embcache predict`: bundle a trained run, and apply a bundle to raw inputs."""
 from __future__ import annotations
 
 import click
 
 from embcache.cli.common import user_errors
-from embcache.bundle import BundleError
-from embcache.encoders import EncoderError
-from embcache.models import FitError
-from embcache.store import StoreError
 
 
 @click.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, help="Bundle file to write, e.g. model.embcache.")
 @click.option("--seed", type=int, default=None, help="Which run of a --seeds run (default: the first).")
-@user_errors(BundleError, FitError, StoreError)
+@user_errors
 def export_command(run_dir, out, seed):
     """Bundle a trained run for `embcache predict` (docs/bundle-format.md)."""
     from embcache.bundle import export_bundle
@@ -32,7 +28,7 @@ def export_command(run_dir, out, seed):
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)
-@user_errors(BundleError, EncoderError)
+@user_errors
 def predict_command(bundle, manifest, out, image_checkpoint, text_checkpoint, batch_size, device, quiet):
     """Run the encoders on raw images and texts and classify; an absent modality is predicted."""
     from embcache.bundle import load

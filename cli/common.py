@@ -1,9 +1,12 @@
-"""Small pieces every command uses."""
+"""Small pieces every command uses: KEY=VALUE options, the one user-error handler, the protocol flags."""
 from __future__ import annotations
 
 import functools
 
 import click
+
+from embcache.config import MISSING_TYPES, FitConfig
+from embcache.errors import EmbcacheError
 
 
 def parse_options(pairs: tuple[str, ...]) -> dict:
@@ -23,25 +26,21 @@ def parse_options(pairs: tuple[str, ...]) -> dict:
     return options
 
 
-def user_errors(*error_types: type[Exception]):
-    """Turn the library's own error types into a clean `Error: ...` and exit code 1, no traceback."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def inner(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except error_types as exc:
-                raise click.ClickException(str(exc)) from exc
-        return inner
-    return wrap
+def user_errors(fn):
+    """A command's `EmbcacheError` (a user error, embcache/errors.py) -> one line `Error: ...` and exit code 1.
+    Any other exception is a bug and propagates with its traceback."""
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EmbcacheError as exc:
+            raise click.ClickException(str(exc)) from exc
+    return inner
 
 
 def protocol_options(fn):
     """The missing-modality protocol's flags (embcache/missing.py), with fit's defaults; `fit` and `tune` share
     them so that both hide the same rows."""
-    from embcache.missing import MISSING_TYPES
-    from embcache.models import FitConfig
-
     d, rate = FitConfig(), click.FloatRange(0.0, 1.0)
     for option in reversed([
         click.option("--train-missing-rate", type=rate, default=d.train_missing_rate, show_default=True,

@@ -1,4 +1,4 @@
-"""`embcache fit` and `embcache eval`."""
+"""`embcache fit` and `embcache eval`: train on a feature cache, score a run (options default to FitConfig)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import click
 
 from embcache.cli.common import protocol_options, user_errors
 from embcache.kernels import BACKENDS, FP32_PRECISIONS
-from embcache.models import IMPUTE_MODES, PREDICTOR_TRAINING, PREDICTORS, SELECTIONS, SHUFFLES, FitConfig, FitError
+from embcache.config import IMPUTE_MODES, PREDICTOR_TRAINING, PREDICTORS, SELECTIONS, SHUFFLES, FitConfig
 
 D = FitConfig()  # defaults shown in --help come from the config dataclass, the single source
 
@@ -105,7 +105,7 @@ RATE = click.FloatRange(0.0, 1.0)
               help="Windows of chunks read ahead by a background thread (streaming).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@user_errors(FitError)
+@user_errors
 def fit_command(store, out, seeds, compile_, overwrite, quiet, **options):
     """Train the missing-modality predictors and the late-fusion classifier on a feature cache."""
     from embcache.evaluate import format_table
@@ -136,7 +136,7 @@ def fit_command(store, out, seeds, compile_, overwrite, quiet, **options):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Also write the results here (metrics.json layout).")
-@user_errors(FitError)
+@user_errors
 def eval_command(run_dir, store, rate, device, json_path):
     """Score a fitted run under every test scenario: full, missing-image, missing-text, missing-both."""
     from embcache.evaluate import evaluate_run, format_table

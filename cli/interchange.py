@@ -7,9 +7,8 @@ import click
 from click.core import ParameterSource
 
 from embcache.cli.common import user_errors
-from embcache.interchange import (InterchangeError, export_features, import_clip_retrieval, import_hdf5,
-                                  import_npy)
-from embcache.store import EMB_DTYPES, TASK_TYPES, StoreError
+from embcache.interchange import export_features, import_clip_retrieval, import_hdf5, import_npy
+from embcache.store import EMB_DTYPES, TASK_TYPES
 
 HDF5_EXTENSIONS = (".h5", ".hdf5")
 
@@ -18,7 +17,7 @@ HDF5_EXTENSIONS = (".h5", ".hdf5")
 @click.argument("store")
 @click.option("--to", "to", required=True, type=click.Path(dir_okay=False), help="HDF5 file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
-@user_errors(InterchangeError, StoreError)
+@user_errors
 def export_features_command(store, to, overwrite):
     """Write a finished feature cache to one HDF5 file (streamed chunk by chunk)."""
     meta = export_features(store, to, overwrite=overwrite)
@@ -51,7 +50,7 @@ def _classes(ctx, param, value: str | None) -> list[str] | None:
 @click.option("--dtype", type=click.Choice(EMB_DTYPES), default="float16", show_default=True)
 @click.option("--chunk-rows", type=click.IntRange(1), default=None, help="Rows per chunk (default: about 4 MiB).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
-@user_errors(InterchangeError, StoreError)
+@user_errors
 def import_features_command(source, image_npy, text_npy, metadata, out, overwrite, **options):
     """Make a feature cache from embeddings computed elsewhere, ready for `embcache fit`.
 

@@ -17,9 +17,11 @@ import torch
 from embcache import synthetic
 from embcache.evaluate import dataset_from_features
 from embcache.kernels import vicreg as vicreg_kernels
-from embcache.models import FitConfig, FitError
+from embcache.config import FitBenchConfig, FitConfig, FitError
 from embcache.runtime import resolve_device
 from embcache.train import batch_loss, make_model, prepare, train
+
+B = FitBenchConfig  # run_fit_bench's defaults (also the CLI's)
 
 
 def _sync(device: torch.device) -> None:
@@ -70,11 +72,12 @@ def vicreg_settings(vicreg_backend: str | None, vicreg_precision: str | None) ->
     return wanted
 
 
-def run_fit_bench(*, n_train: int = synthetic.MMIMDB_SIZES["n_train"], dim: int = 768, n_classes: int = 23,
-                  epochs: int = 20, batch_size: int = 256, impute: str = "predict", device: str = "auto",
-                  compile: bool = False, threads: int | None = None, predictor: str = "mlp", prompts: int = 8,
-                  cache_layers: int = 1, tokens: int = 64, vicreg_backend: str | None = None,
-                  vicreg_precision: str | None = None) -> dict:
+def run_fit_bench(*, n_train: int = B.n_train, dim: int = B.dim, n_classes: int = B.n_classes, epochs: int = B.epochs,
+                  batch_size: int = B.batch_size, impute: str = B.impute, device: str = B.device,
+                  compile: bool = B.compile, threads: int | None = B.threads, predictor: str = B.predictor,
+                  prompts: int = B.prompts, cache_layers: int = B.cache_layers, tokens: int = B.tokens,
+                  vicreg_backend: str | None = B.vicreg_backend,
+                  vicreg_precision: str | None = B.vicreg_precision) -> dict:
     """predictor "prompts": the text comes with synthetic hidden states of `tokens` tokens for the last
     `cache_layers` blocks of the default text encoder (MiniLM, so text is 384 wide); the report adds the step
     time of the MLP predictor on the same data.

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from embcache import datasets as ds
+from embcache.errors import EmbcacheError
 from embcache.encoders import Encoder, load_image_encoder, load_text_encoder, sha256_file
 from embcache.evaluate import fingerprint_mismatch, load_run, predict_logits, seed_dirs, store_fingerprint
 from embcache.images import DECODE, read_image
@@ -32,7 +33,7 @@ BUNDLE_FORMAT = 1
 MULTILABEL_THRESHOLD = 0.5
 
 
-class BundleError(ValueError):
+class BundleError(EmbcacheError):
     """A run that cannot be exported, or a bundle that cannot be applied here."""
 
 

@@ -22,14 +22,14 @@ from typing import Any, Callable
 import torch
 
 from embcache import images
+from embcache.config import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER  # noqa: F401 - re-exported
+from embcache.errors import EmbcacheError
 
-DEFAULT_IMAGE_ENCODER = "timm:efficientnet_lite0"
-DEFAULT_TEXT_ENCODER = "hf:sentence-transformers/all-MiniLM-L6-v2"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class EncoderError(ValueError):
+class EncoderError(EmbcacheError):
     """An encoder spec or checkpoint that cannot be loaded."""
 
 

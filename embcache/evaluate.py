@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from embcache.missing import MODALITIES, SCENARIOS, scenario_present
 from embcache.models import DIRECTIONS, FitConfig, FitError, FusionModel
 from embcache.runtime import resolve_device
-from embcache.store import (SPLIT_CODES, CachedFeatures, FeatureStore, StoreError, chunks_done,
+from embcache.store import (SPLIT_CODES, CachedFeatures, FeatureStore, IncompleteStoreError, StoreError, chunks_done,
                             encoder_fingerprint, fingerprint_diff, open_store)
 from embcache.stream import ReadAhead, split_blocks
 
@@ -219,7 +219,7 @@ def open_features(url: str, allow_partial: bool = False) -> tuple[FeatureStore, 
         fs = open_store(url, require_complete=not allow_partial)
     except StoreError as exc:  # a wrong format version, an unfinished extraction, not a store
         msg = str(exc)
-        if "did not finish" in msg:
+        if isinstance(exc, IncompleteStoreError):
             msg += "; or pass --allow-partial to fit on the rows of its written chunks"
         raise FitError(msg) from exc
     if fs.meta.get("complete"):

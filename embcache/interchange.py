@@ -26,6 +26,7 @@ import numpy as np
 from embcache import __version__
 from embcache import datasets as ds
 from embcache import store as st
+from embcache.errors import EmbcacheError
 
 # Absence reasons of imported stores (code = index). The metadata table says the modality is absent,
 # or the embedding row is all zeros (what tools write for a missing input), or it holds NaN/inf.
@@ -33,7 +34,7 @@ IMPORT_REASONS = ("present", "missing_field", "zero_embedding", "nonfinite_embed
 META_EXTENSIONS = (".csv", ".jsonl", ".ndjson", ".parquet")
 
 
-class InterchangeError(ValueError):
+class InterchangeError(EmbcacheError):
     """An input that cannot be imported or exported as asked; the message names the file and the problem."""
 
 

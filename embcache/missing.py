@@ -26,8 +26,9 @@ import hashlib
 
 import numpy as np
 
+from embcache.config import MISSING_TYPES  # noqa: F401 - re-exported: the allowed settings live in config.py
 from embcache.datasets import MODALITIES  # noqa: F401 - re-exported: the modality names live in one place
-MISSING_TYPES = ("both", "image", "text")
+
 SCENARIOS = ("full", "missing-image", "missing-text", "missing-both")
 SCENARIO_TYPES = {"full": None, "missing-image": "image", "missing-text": "text", "missing-both": "both"}
 

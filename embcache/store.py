@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import zarr
 
+from embcache.errors import EmbcacheError
+
 FORMAT_VERSION = 1
 ATTRS_KEY = "embcache"
 SPLITS = ("train", "val", "test")
@@ -30,8 +32,12 @@ FINGERPRINT_FIELDS = ("backend", "model", "checkpoint_sha256", "bitfit_sha256",
 OPTIONAL_FINGERPRINT_FIELDS = ("cache_layers",)
 
 
-class StoreError(ValueError):
+class StoreError(EmbcacheError):
     """A store that cannot be used as asked (wrong format, incomplete, fingerprint mismatch)."""
+
+
+class IncompleteStoreError(StoreError):
+    """A store whose extraction did not finish (attrs complete = false): resume it, or read it partially."""
 
 
 def _open_group(url: str, mode: str, storage_options: dict | None = None) -> zarr.Group:
@@ -328,6 +334,6 @@ def open_store(url: str, *, require_complete: bool = True, storage_options: dict
         raise StoreError(f"{url}: cache format {version!r} is not supported by this embcache "
                          f"(it reads format {FORMAT_VERSION})")
     if require_complete and not meta.get("complete", False):
-        raise StoreError(f"{url}: the extraction that wrote this store did not finish "
+        raise IncompleteStoreError(f"{url}: the extraction that wrote this store did not finish "
                          "(attrs complete = false); re-run `embcache extract` with the same arguments")
     return FeatureStore(url=url, root=root, meta=meta)

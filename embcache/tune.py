@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,56 +25,24 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from embcache import datasets as ds
-from embcache.encoders import (DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, Encoder, to_device,
-                               load_image_encoder, load_text_encoder)
+from embcache.config import TuneConfig
+from embcache.encoders import Encoder, to_device, load_image_encoder, load_text_encoder
+from embcache.errors import EmbcacheError
 from embcache.evaluate import MAIN_METRIC, task_metrics
 from embcache.extract import Collate, SampleSource
 from embcache.missing import MISSING_TYPES, MODALITIES, apply_missing, scenario_of, scenario_present
-from embcache.models import FitConfig
 from embcache.runtime import resolve_device, staged_file
 from embcache.train import task_loss
 
 FORMAT = "embcache.bitfit/1"
 # Batch keys of `extract.Collate` per modality: (positions of the rows that have it, the encoder's input).
 INPUTS = {"image": ("image_pos", "pixels"), "text": ("text_pos", "tokens")}
-# The missing-modality protocol's defaults are fit's, read from its config (one source for both commands).
-FIT_DEFAULTS = {f.name: f.default for f in fields(FitConfig)}
 PROTOCOL_FIELDS = ("train_missing_rate", "train_missing_type", "test_missing_rate", "test_missing_type",
                    "missing_seed")
 
 
-class TuneError(ValueError):
+class TuneError(EmbcacheError):
     """A tuning run that cannot start (no rows to train on, a resume state made with other arguments)."""
-
-
-@dataclass
-class TuneConfig:
-    dataset: str
-    root: str
-    modality: str                      # image | text
-    out: str
-    image_encoder: str = DEFAULT_IMAGE_ENCODER
-    image_checkpoint: str | None = None
-    text_encoder: str = DEFAULT_TEXT_ENCODER
-    text_pooling: str = "mean"
-    text_max_length: int = 128
-    epochs: int = 5
-    lr: float = 1e-3                   # the biases
-    head_lr: float = 1e-2              # the temporary linear head, which starts from scratch
-    batch_size: int = 32
-    workers: int = 2
-    device: str = "auto"
-    seed: int = 0
-    resume: bool | None = None         # None: resume when a state made with the same arguments exists
-    tune_biases: bool = True           # False: train the head alone on the frozen encoder (a linear probe)
-    # missing-modality protocol (embcache/missing.py), as `fit` applies it: train rows keep the modality under
-    # (train rate, train type, seed), val rows under fit's selection scenario (test rate, test type, seed)
-    train_missing_rate: float = FIT_DEFAULTS["train_missing_rate"]
-    train_missing_type: str = FIT_DEFAULTS["train_missing_type"]
-    test_missing_rate: float = FIT_DEFAULTS["test_missing_rate"]
-    test_missing_type: str = FIT_DEFAULTS["test_missing_type"]
-    missing_seed: int = FIT_DEFAULTS["missing_seed"]
-    dataset_options: dict = field(default_factory=dict)
 
 
 @dataclass

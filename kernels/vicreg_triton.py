@@ -1,4 +1,4 @@
-"""Triton kernels for the closed-form VICReg loss (math in ``kernels/vicreg.py``).
+"""Triton kernels for the closed-form VICReg loss, the CUDA path (math in ``kernels/vicreg_torch.py``).
 
 Launches (forward: 3 or 4, backward: 1), both branches in each launch (``program_id`` axis "b"):
 
@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .vicreg import VICRegCoefficients, use_gram_route
+from ._common import VICRegCoefficients, use_gram_route
 
 # Stats layout per branch: rows of a (3, D) fp32 block.
 _MU, _N2, _N2R = 0, 1, 2

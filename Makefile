@@ -30,11 +30,16 @@ demo: $(STAMP)
 	$(OFFLINE) $(EMBCACHE) predict $(DEMO)/model.embcache --manifest data/demo/manifest.jsonl \
 		--out $(DEMO)/predictions.jsonl --quiet
 	@echo
+	@echo "predict vs zero vs mean fill, both training settings, seeds 0,1,2 (README 'What the demo shows'):"
+	$(OFFLINE) $(EMBCACHE) bench accuracy --store $(DEMO)/demo.zarr --test-types both --seeds 0,1,2 \
+		--threads 1 --out $(DEMO)/accuracy
+	@echo
 	@echo "BitFit deltas:  $(DEMO)/text-bitfit.safetensors (docs/bitfit-format.md)"
 	@echo "feature cache:  $(DEMO)/demo.zarr (docs/cache-format.md)"
 	@echo "trained runs:   $(DEMO)/run, baseline $(DEMO)/run-zero (metrics.json: docs/metrics-format.md; curves.png, scenarios.png)"
 	@echo "model bundle:   $(DEMO)/model.embcache (docs/bundle-format.md)"
 	@echo "predictions:    $(DEMO)/predictions.jsonl"
+	@echo "accuracy table: $(DEMO)/accuracy/accuracy.txt (json, png beside it)"
 
 test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q

@@ -65,6 +65,8 @@ RATE = click.FloatRange(0.0, 1.0)
               help="Probability that a training row with both modalities gets one replaced by its stand-in.")
 @click.option("--indicators/--no-indicators", default=D.indicators, show_default=True,
               help="Give the classifier the two presence bits (real embedding or stand-in).")
+@click.option("--linear-head/--no-linear-head", default=D.linear_head, show_default=True,
+              help="Fit a logistic regression on the classifier's inputs first (L-BFGS, L2 on val); the MLP adds to it.")
 @click.option("--input-dropout", type=click.FloatRange(0, 1), default=D.input_dropout, show_default=True,
               help="Dropout on the classifier's input features.")
 @click.option("--select", type=click.Choice(SELECTIONS), default=D.select, show_default=True,

@@ -29,7 +29,7 @@ from embcache.evaluate import (MAIN_METRIC, Dataset, dataset_from_features, labe
 from embcache.missing import MISSING_TYPES, MODALITIES, scenario_present
 from embcache.models import IMPUTE_MODES, FitConfig
 from embcache.runtime import resolve_device, staged_file
-from embcache.train import prepare, train
+from embcache.train import fit_logistic, prepare, train
 
 SCHEMA = "embcache.bench-accuracy/1"
 SETTINGS = ("complete", "missing")
@@ -66,21 +66,10 @@ def _standardized(data: Dataset, split: str, has: dict[str, np.ndarray], mean: d
 
 
 def _fit_logistic(x: torch.Tensor, y: torch.Tensor, task: str, n_out: int, l2: float) -> torch.nn.Linear:
-    torch.manual_seed(0)
     head = torch.nn.Linear(x.shape[1], n_out).to(x.device)
     torch.nn.init.zeros_(head.weight)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=200, history_size=20,
-                                  line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        logits = head(x)
-        loss = (F.binary_cross_entropy_with_logits(logits, y) if task == "multilabel"
-                else F.cross_entropy(logits, y)) + l2 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
+    torch.nn.init.zeros_(head.bias)
+    fit_logistic(head, x, y, task, l2)
     return head
 
 

@@ -7,6 +7,8 @@ Four formats are read (see ``docs``):
   ``texts/{train,test}_titles.csv``; a validation split is carved from train.
 * ``hateful_memes`` -- ``img/*.png`` and ``train.jsonl`` / ``dev*.jsonl`` / ``test*.jsonl``.
 * ``manifest`` -- a generic JSONL or CSV manifest (``id, image, text, label|labels, split``).
+* ``webdataset``, ``parquet``, ``hf`` -- tar shards, Parquet files, ``save_to_disk`` folders, local or fsspec
+  URLs (:mod:`embcache.dataset_formats`; their images are references read lazily by the loader).
 
 Readers only look at metadata and check that image files *exist*; decoding (and so
 spotting truncated or undecodable images) is left to the extraction step.  What a
@@ -35,6 +37,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from embcache.errors import EmbcacheError
+
 MODALITIES = ("image", "text")
 SPLITS = ("train", "val", "test")
 
@@ -58,7 +62,7 @@ _SPLIT_ALIASES = {"train": "train", "val": "val", "dev": "val", "test": "test"}
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class DatasetError(ValueError):
+class DatasetError(EmbcacheError):
     """Malformed metadata: the run must stop with this message (names the file, line and problem)."""
 
 
@@ -66,14 +70,16 @@ class DatasetError(ValueError):
 class Sample:
     """One row of a dataset.
 
-    ``image`` is an absolute path and ``text`` a stripped string, or ``None`` when that
-    modality is absent; ``absent`` then maps the modality to the reason.  ``label`` is a
+    ``image`` is an absolute path, or a reference to image bytes inside a shard or table
+    (``read()`` returns them, ``fingerprint()`` identifies them; :mod:`embcache.dataset_formats`),
+    and ``text`` a stripped string, or ``None`` when that modality is absent; ``absent`` then
+    maps the modality to the reason.  ``label`` is a
     class index (``-1`` = unlabeled or unknown) for single-label tasks and a sorted list
     of class indices for multilabel ones.
     """
 
     id: str
-    image: str | None
+    image: Any
     text: str | None
     label: int | list[int]
     split: str
@@ -494,6 +500,19 @@ _READERS: dict[str, Callable[..., Dataset]] = {
     "hateful_memes": _read_hateful_memes,
     "manifest": _read_manifest,
 }
+
+
+def _format_reader(name: str) -> Callable[..., Dataset]:
+    """A reader of embcache.dataset_formats, imported on first use (that module builds on this one)."""
+    def read(root: str, **options) -> Dataset:
+        from embcache.dataset_formats import FORMAT_READERS
+
+        return FORMAT_READERS[name](root, **options)
+    return read
+
+
+FORMAT_NAMES = ("webdataset", "parquet", "hf")  # tar shards, Parquet files, save_to_disk folders
+_READERS.update({name: _format_reader(name) for name in FORMAT_NAMES})
 DATASET_NAMES = tuple(_READERS)
 
 
@@ -501,15 +520,20 @@ def open_dataset(name: str, root: str, **options) -> Dataset:
     """Read dataset ``name`` from ``root`` (for ``"manifest"``: the manifest file).
 
     Options: ``food101`` takes ``val_fraction`` (default 0.1) and ``seed`` (default 0);
-    ``manifest`` takes ``classes`` (a list fixing the class order) and ``default_split``.  Unknown options raise
+    ``manifest`` takes ``classes`` (a list fixing the class order) and ``default_split``; the
+    :data:`FORMAT_NAMES` readers take a ``root`` that may be a glob, a brace pattern or an
+    fsspec URL, and the options of their functions.  Unknown options raise
     :class:`DatasetError`; malformed metadata raises :class:`DatasetError`.
     """
     if name not in _READERS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}")
-    root = os.path.abspath(root)
-    if name == "manifest":
+    if name in FORMAT_NAMES:
+        pass  # URLs and patterns: the reader resolves and checks its root
+    elif name == "manifest":
+        root = os.path.abspath(root)
         _require_file(root, "manifest file")
     else:
+        root = os.path.abspath(root)
         _require_dir(root, f"{name} dataset folder")
     try:
         return _READERS[name](root, **options)

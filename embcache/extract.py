@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import os
 import queue
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -26,38 +27,16 @@ from embcache import datasets as ds
 from embcache import store as st
 from embcache.images import DECODE_REASONS, MAX_IMAGE_PIXELS, read_image  # noqa: F401 - re-exported
 from embcache.runtime import Ranks, bind_local_cuda_device, resolve_device
-from embcache.encoders import (DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, Encoder, load_image_encoder,
-                               load_text_encoder)
+from embcache.config import ExtractConfig
+from embcache.encoders import Encoder, load_image_encoder, load_text_encoder
+from embcache.errors import EmbcacheError
 
 # The reason vocabulary every store starts with: the readers' reasons, then decoding's (embcache/images.py).
 BASE_REASONS = ("present", "missing_field", "missing_file", "empty_text", "non_utf8_text") + DECODE_REASONS
 
 
-class ExtractError(ValueError):
+class ExtractError(EmbcacheError):
     """An extraction that cannot start (bad arguments, fingerprint mismatch, malformed dataset)."""
-
-
-@dataclass
-class ExtractConfig:
-    dataset: str
-    root: str
-    out: str
-    image_encoder: str = DEFAULT_IMAGE_ENCODER
-    image_checkpoint: str | None = None
-    image_bitfit: str | None = None
-    text_encoder: str = DEFAULT_TEXT_ENCODER
-    text_pooling: str = "mean"
-    text_max_length: int = 128
-    text_bitfit: str | None = None
-    batch_size: int | None = None      # None: 64 on the CPU, 256 on a GPU
-    workers: int = 2
-    device: str = "auto"
-    dtype: str = "float16"
-    chunk_rows: int | None = None
-    overwrite: bool = False
-    limit: int | None = None           # only the first `limit` samples (quick trials, benchmarks)
-    cache_layers: int = 0              # > 0: also store the hidden states entering the last k blocks
-    dataset_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -91,7 +70,8 @@ class SampleSource(torch.utils.data.Dataset):
         sample = self.samples[index]
         pixels, failure = None, None
         if self.with_image and sample.image is not None:
-            pixels, failure = read_image(sample.image, self.image_preprocess)
+            source = sample.image if isinstance(sample.image, str) else io.BytesIO(sample.image.read())
+            pixels, failure = read_image(source, self.image_preprocess)
         return index, pixels, failure, sample.text if self.with_text else None
 
 
@@ -338,11 +318,13 @@ def chunk_batches(meta: dict, chunks: list[int], batch_size: int) -> list[list[i
 
 def samples_sha256(dataset: ds.Dataset) -> str:
     """Fingerprint of what the reader found: ids, image paths (relative to the dataset root, so a moved dataset
-    still matches), texts, labels and splits. Image bytes are not read: that would cost a pass over the data."""
+    still matches) or references (shard name and size, member offset and size), texts, labels and splits. Image
+    bytes are not read: that would cost a pass over the data."""
     base = dataset.source if os.path.isdir(dataset.source) else os.path.dirname(dataset.source)
     digest = hashlib.sha256()
     for s in dataset.samples:
-        image = os.path.relpath(s.image, base) if s.image else None
+        image = (None if s.image is None else os.path.relpath(s.image, base) if isinstance(s.image, str)
+                 else s.image.fingerprint())
         digest.update(json.dumps([s.id, image, s.text, s.label, s.split, sorted(s.absent.items())]).encode())
     return digest.hexdigest()
 

@@ -13,8 +13,9 @@ ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 EXIF_ORIENTATION = 0x0112
 
 
-def read_image(path: str, preprocess):
-    """Decode and preprocess one image file; on failure return (None, reason) instead of raising.
+def read_image(path, preprocess):
+    """Decode and preprocess one image file (a path, or a binary file object such as the BytesIO of a shard
+    member); on failure return (None, reason) instead of raising.
 
     `preprocess` receives the opened image and decodes it with `to_rgb` (encoders.ImagePreprocess does);
     reasons are those of DECODE_REASONS."""

@@ -36,7 +36,9 @@ def unrelated():
 
 def test_indicators_widen_the_classifier_and_reach_it():
     dims = {"image": 6, "text": 4}
-    model = FusionModel(dims, 3, FitConfig(impute="mean", input_dropout=0.0, classifier_dropout=0.0)).eval()
+    # without the linear head, whose zero start would hide the bits until it is fitted
+    model = FusionModel(dims, 3, FitConfig(impute="mean", input_dropout=0.0, classifier_dropout=0.0,
+                                           linear_head=False)).eval()
     assert model.classifier[0].in_features == 6 + 4 + 2
     x = {m: torch.zeros(2, d) for m, d in dims.items()}  # the real embedding equals the mean: only the bits differ
     both = {m: torch.tensor([True, True]) for m in dims}

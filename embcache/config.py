@@ -23,6 +23,17 @@ LEGACY_SETTINGS = {"indicators": False, "substitute": 0.0, "predictor_training":
                    "linear_head": False}
 
 
+def check_protocol(cfg, error: type[EmbcacheError]) -> None:
+    """Raise `error` unless cfg's missing-modality protocol fields (train/test missing type and rate) are valid;
+    fit and tune share them."""
+    for name in ("train_missing_type", "test_missing_type"):
+        if getattr(cfg, name) not in MISSING_TYPES:
+            raise error(f"{name} must be one of {MISSING_TYPES}, got {getattr(cfg, name)!r}")
+    for name in ("train_missing_rate", "test_missing_rate"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise error(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+
+
 class FitError(EmbcacheError):
     """Input or settings that `embcache fit` / `eval` cannot use; the message names the problem."""
 
@@ -110,12 +121,7 @@ class FitConfig:
     def __post_init__(self) -> None:
         if self.impute not in IMPUTE_MODES:
             raise FitError(f"impute must be one of {IMPUTE_MODES}, got {self.impute!r}")
-        for name in ("train_missing_type", "test_missing_type"):
-            if getattr(self, name) not in MISSING_TYPES:
-                raise FitError(f"{name} must be one of {MISSING_TYPES}, got {getattr(self, name)!r}")
-        for name in ("train_missing_rate", "test_missing_rate"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise FitError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        check_protocol(self, FitError)
         if self.predictor not in PREDICTORS:
             raise FitError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
         if self.predictor_training not in PREDICTOR_TRAINING:

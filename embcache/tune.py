@@ -25,12 +25,12 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from embcache import datasets as ds
-from embcache.config import TuneConfig
+from embcache.config import TuneConfig, check_protocol
 from embcache.encoders import Encoder, to_device, load_image_encoder, load_text_encoder
 from embcache.errors import EmbcacheError
 from embcache.evaluate import MAIN_METRIC, task_metrics
 from embcache.extract import Collate, SampleSource
-from embcache.missing import MISSING_TYPES, MODALITIES, apply_missing, scenario_of, scenario_present
+from embcache.missing import MODALITIES, apply_missing, scenario_of, scenario_present
 from embcache.runtime import resolve_device, staged_file
 from embcache.train import task_loss
 
@@ -101,15 +101,6 @@ def usable_rows(dataset: ds.Dataset, split: str, modality: str) -> list[ds.Sampl
     """The split's rows that have the modality and a label (-1 = unlabeled in single-label tasks)."""
     return [s for s in dataset.samples if s.split == split and getattr(s, modality) is not None
             and (dataset.task == "multilabel" or s.label >= 0)]
-
-
-def check_protocol(cfg: TuneConfig) -> None:
-    for name in ("train_missing_type", "test_missing_type"):
-        if getattr(cfg, name) not in MISSING_TYPES:
-            raise TuneError(f"{name} must be one of {MISSING_TYPES}, got {getattr(cfg, name)!r}")
-    for name in ("train_missing_rate", "test_missing_rate"):
-        if not 0.0 <= getattr(cfg, name) <= 1.0:
-            raise TuneError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
 
 
 def protocol(cfg: TuneConfig) -> dict:
@@ -289,7 +280,7 @@ def write_bitfit(path: str, best: dict, encoder: Encoder, cfg: TuneConfig, datas
 
 
 def tune(cfg: TuneConfig, progress: bool = True, log=print) -> TuneReport:
-    check_protocol(cfg)
+    check_protocol(cfg, TuneError)
     try:
         dataset = ds.open_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
     except ds.DatasetError as exc:  # malformed metadata, or a reader option the reader does not take

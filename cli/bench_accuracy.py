@@ -109,14 +109,11 @@ def accuracy_command(datasets, roots, stores, synthetic_names, seeds, test_types
     base = FitConfig(**{**dict(epochs=epochs, device=device, missing_seed=missing_seed), **fit_options})
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     if datasets or roots:
-        from embcache.bench_paper import PaperError, pair_sources, run_paper
+        from embcache.bench_paper import pair_sources, run_paper
 
         if stores or synthetic_names:
             raise click.ClickException("--dataset cannot be combined with --store or --synthetic; run them apart")
-        try:
-            pairs = pair_sources(datasets, roots)
-        except PaperError as exc:  # not an EmbcacheError yet: embcache/bench_paper.py still bases it on ValueError
-            raise click.ClickException(str(exc)) from exc
+        pairs = pair_sources(datasets, roots)  # a PaperError (an EmbcacheError): one line, through user_errors
         report = run_paper(pairs, base, seeds=seeds, encoders=encoders, cache=cache, out=out, test_rate=test_rate,
                            test_types=test_types,
                            train_rate=train_rate, batch_size=batch_size, workers=workers, overwrite=overwrite,

@@ -13,6 +13,7 @@ import torch
 from embcache.bench_accuracy import SETTINGS, run_dataset, write_report
 from embcache.datasets import DATASET_NAMES
 from embcache.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
+from embcache.errors import EmbcacheError
 from embcache.evaluate import labeled, load_dataset, metric_names
 from embcache.extract import ExtractConfig, extract
 from embcache.missing import MISSING_TYPES
@@ -28,7 +29,7 @@ ENCODER_FIELDS = ("image_encoder", "image_checkpoint", "image_bitfit", "text_enc
                   "text_max_length", "text_bitfit")
 
 
-class PaperError(ValueError):
+class PaperError(EmbcacheError):
     """A benchmark request that cannot start (a dataset without a root, an unknown dataset, ...)."""
 
 

@@ -688,6 +688,7 @@ def read_hf(root: str, *, split: str | None = None, image_column: str = "image",
                     classes=_classes_of(first_cols))
 
 
+# embcache.datasets.open_dataset looks this up by module name (datasets.py never imports this module)
 FORMAT_READERS = {"webdataset": read_webdataset, "parquet": read_parquet, "hf": read_hf}
 
 

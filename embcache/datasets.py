@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import csv
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -502,18 +503,17 @@ _READERS: dict[str, Callable[..., Dataset]] = {
 }
 
 
-def _format_reader(name: str) -> Callable[..., Dataset]:
-    """A reader of embcache.dataset_formats, imported on first use (that module builds on this one)."""
-    def read(root: str, **options) -> Dataset:
-        from embcache.dataset_formats import FORMAT_READERS
-
-        return FORMAT_READERS[name](root, **options)
-    return read
-
-
 FORMAT_NAMES = ("webdataset", "parquet", "hf")  # tar shards, Parquet files, save_to_disk folders
-_READERS.update({name: _format_reader(name) for name in FORMAT_NAMES})
-DATASET_NAMES = tuple(_READERS)
+# Readers that live in another module, by name: embcache.dataset_formats builds on this module (it imports it), so
+# this module never imports it back; its FORMAT_READERS is looked up on the first use of one of these names.
+_READER_MODULES = dict.fromkeys(FORMAT_NAMES, "embcache.dataset_formats")
+DATASET_NAMES = (*_READERS, *_READER_MODULES)
+
+
+def _reader(name: str) -> Callable[..., Dataset]:
+    if name in _READERS:
+        return _READERS[name]
+    return importlib.import_module(_READER_MODULES[name]).FORMAT_READERS[name]
 
 
 def open_dataset(name: str, root: str, **options) -> Dataset:
@@ -525,7 +525,7 @@ def open_dataset(name: str, root: str, **options) -> Dataset:
     fsspec URL, and the options of their functions.  Unknown options raise
     :class:`DatasetError`; malformed metadata raises :class:`DatasetError`.
     """
-    if name not in _READERS:
+    if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}")
     if name in FORMAT_NAMES:
         pass  # URLs and patterns: the reader resolves and checks its root
@@ -536,6 +536,6 @@ def open_dataset(name: str, root: str, **options) -> Dataset:
         root = os.path.abspath(root)
         _require_dir(root, f"{name} dataset folder")
     try:
-        return _READERS[name](root, **options)
+        return _reader(name)(root, **options)
     except TypeError as exc:  # an option this reader does not take
         raise DatasetError(f"{name}: {exc}".replace("_read_", "reader ")) from exc

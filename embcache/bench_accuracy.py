@@ -9,8 +9,8 @@ and scores every run on the test split under the matching scenario (`missing-<ty
 under `full`. Every run gets the same trainer (indicators, head, model selection): only the fill differs.
 A linear probe (logistic regression on the concatenated standardised features, trained on the complete
 training rows, L2 chosen on val) is the reference the trainer must match; it is scored with zero and mean
-fill. Results: a table (mean +- std over seeds), a JSON file and one figure (docs/benchmarks-accuracy.md
-describes the layout).
+fill, and per presence pattern (one regression per pattern: no stand-in at all). Results: a table (mean +- std over
+seeds), a JSON file (the table's numbers per cell and seed) and one figure.
 """
 from __future__ import annotations
 
@@ -73,38 +73,65 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, task: str, n_out: int, l2: f
     return head
 
 
+def _selected_logistic(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, task: str,
+                       n_out: int) -> tuple[float, torch.nn.Linear]:
+    """(L2 weight, head): the logistic regression on (x, y) whose val main metric is best over PROBE_L2."""
+    best = None
+    for l2 in PROBE_L2:
+        head = _fit_logistic(x, y, task, n_out, l2)
+        with torch.no_grad():
+            score = task_metrics(task, head(x_val), y_val)[MAIN_METRIC[task]]
+        if best is None or (score is not None and (best[0] is None or score > best[0])):
+            best = (score, l2, head)
+    return best[1], best[2]
+
+
 def linear_probe(data: Dataset, test_rate: float, missing_seed: int, device: torch.device) -> dict:
-    """Logistic regression on complete training pairs; {l2, val, test: {scenario: metrics}, fills}."""
+    """Logistic regressions on the complete training data; {l2, test: {fill: {scenario: metrics}}}.
+
+    fills "zero" and "mean": one regression on [image, text] of the training pairs, absent parts filled.
+    "per-pattern": one regression per presence pattern (that pair one; image alone on every training row with an
+    image; text alone likewise), each test row scored by the one for what it has: no stand-in at all.
+    """
     train = data.splits["train"]
-    both = train.present["image"] & train.present["text"] & labeled(data.task_type, train.labels)
+    ok = labeled(data.task_type, train.labels)
+    both = train.present["image"] & train.present["text"] & ok
     mean = {m: torch.as_tensor(train.emb[m][both].mean(0), device=device) for m in MODALITIES}
     std = {m: torch.as_tensor(train.emb[m][both].std(0), device=device).clamp(min=1e-6) for m in MODALITIES}
-    main = MAIN_METRIC[data.task_type]
 
     def target(split, rows=None):
         y = torch.as_tensor(data.splits[split].labels if rows is None else data.splits[split].labels[rows],
                             device=device)
         return y.float() if data.task_type == "multilabel" else y.long()
 
-    x = _standardized(data, "train", train.present, mean, std, "mean", device)[torch.as_tensor(both, device=device)]
-    y = target("train", both)
+    def rows(mask):
+        return torch.as_tensor(mask, device=device)
+
     val = data.splits["val"]
-    best = None
-    for l2 in PROBE_L2:  # choose the L2 weight on val, full pairs
-        head = _fit_logistic(x, y, data.task_type, data.n_outputs, l2)
-        with torch.no_grad():
-            score = task_metrics(data.task_type, head(_standardized(data, "val", val.present, mean, std, "mean",
-                                                                    device)), target("val"))[main]
-        if best is None or (score is not None and score > best[0]):
-            best = (score, l2, head)
-    _, l2, head = best
+    fit = lambda x, y, xv, yv: _selected_logistic(x, y, xv, yv, data.task_type, data.n_outputs)  # noqa: E731
+    l2, head = fit(_standardized(data, "train", train.present, mean, std, "mean", device)[rows(both)],
+                   target("train", both), _standardized(data, "val", val.present, mean, std, "mean", device),
+                   target("val"))  # L2 chosen on val, full pairs
+    alone = {}  # modality -> its own regression, on every training row that has it (val: every row that has it)
+    for m in MODALITIES:
+        z = {s: (torch.as_tensor(data.splits[s].emb[m], device=device) - mean[m]) / std[m] for s in ("train", "val", "test")}
+        has, val_has = train.present[m] & ok, val.present[m]
+        alone[m] = (z["test"], fit(z["train"][rows(has)], target("train", has), z["val"][rows(val_has)],
+                                   target("val", val_has))[1])
     test, result = data.splits["test"], {"l2": l2, "test": {}}
-    for fill in ("zero", "mean"):
-        for scenario in ("full",) + tuple(f"missing-{t}" for t in MISSING_TYPES):
-            has = scenario_present(test.ids, test.present, scenario, test_rate, missing_seed)
-            with torch.no_grad():
+    for scenario in ("full",) + tuple(f"missing-{t}" for t in MISSING_TYPES):
+        has = scenario_present(test.ids, test.present, scenario, test_rate, missing_seed)
+        with torch.no_grad():
+            for fill in ("zero", "mean"):
                 logits = head(_standardized(data, "test", has, mean, std, fill, device))
-            result["test"].setdefault(fill, {})[scenario] = task_metrics(data.task_type, logits, target("test"))
+                result["test"].setdefault(fill, {})[scenario] = task_metrics(data.task_type, logits, target("test"))
+            # pairs (and rows with neither) as the pair regression scores them; rows with only m: m's own
+            logits = head(_standardized(data, "test", has, mean, std, "mean", device))
+            for m, other in zip(MODALITIES, MODALITIES[::-1]):
+                only = rows(has[m] & ~has[other])
+                logits[only] = alone[m][1](alone[m][0][only])
+            result["test"].setdefault("per-pattern", {})[scenario] = task_metrics(data.task_type, logits,
+                                                                                  target("test"))
     return result
 
 
@@ -217,8 +244,9 @@ def format_report(report: dict) -> list[str]:
         rows.append(["linear probe", "full"] + [_num(probe["mean"]["full"])] + [""] * (len(imputes) + 1))
         for test_type in s.get(SETTINGS[0], {}):
             key = f"missing-{test_type}"
-            rows.append(["linear probe", key] + [f"zero {_num(probe['zero'][key])}", f"mean {_num(probe['mean'][key])}"]
-                        + [""] * len(imputes))
+            rows.append(["linear probe", key] + [f"zero {_num(probe['zero'][key])}", f"mean {_num(probe['mean'][key])}",
+                                                 f"per-pattern {_num(probe['per-pattern'][key])}"]
+                        + [""] * (len(imputes) - 1))
         widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
         lines.append("")
@@ -249,9 +277,8 @@ def plot_report(report: dict, path: str | Path) -> None:
                 stds = [s[setting][t][impute]["missing"]["std"] for t in types]
                 ax.bar([i + (k - (len(imputes) - 1) / 2) * width for i in range(len(types))], means, width,
                        yerr=stds, capsize=3, label=impute)
-            probe = [max(_nan(s["probe"]["zero"][f"missing-{t}"]), _nan(s["probe"]["mean"][f"missing-{t}"]))
-                     for t in types]
-            ax.plot(range(len(types)), probe, "k_", markersize=28, mew=2, label="linear probe (best fill)")
+            probe = [max(_nan(v[f"missing-{t}"]) for v in s["probe"].values()) for t in types]
+            ax.plot(range(len(types)), probe, "k_", markersize=28, mew=2, label="linear probe (best variant)")
             ax.set_xticks(range(len(types)), [f"missing-{t}" for t in types])
             values = [v for v in [_nan(s[setting][t][i]["missing"]["mean"]) for t in types for i in imputes] + probe
                       if v == v]

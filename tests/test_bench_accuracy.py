@@ -2,9 +2,13 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from embcache import bench_accuracy
+from embcache.bench_accuracy import linear_probe
+from embcache.evaluate import dataset_from_features
+from embcache.synthetic import make_features
 from embcache.cli.bench_accuracy import accuracy_command
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,3 +43,15 @@ def test_grid_writes_table_json_and_figure(tmp_path, monkeypatch):
 def test_bad_test_types_are_refused():
     result = CliRunner().invoke(accuracy_command, ["--synthetic", "synthetic-weak", "--test-types", "both,nope"])
     assert result.exit_code == 2 and "nope" in result.output
+
+
+def test_per_pattern_probe_scores_single_modality_rows_with_their_own_regression():
+    # the label depends on the modalities' private parts too, so a regression fitted on pairs and fed a zero
+    # stand-in is far from one fitted on the single modality
+    data = dataset_from_features(make_features(n_train=600, n_val=200, n_test=400, n_classes=4, task_type="multiclass",
+                                               shared_dim=4, private_dim=6, seed=5), "synthetic:test")
+    probe = linear_probe(data, 0.7, 0, torch.device("cpu"))["test"]
+    # full pairs: every variant is the pair regression
+    assert probe["per-pattern"]["full"]["accuracy"] == probe["mean"]["full"]["accuracy"] == probe["zero"]["full"]["accuracy"]
+    for scenario in ("missing-both", "missing-image", "missing-text"):
+        assert probe["per-pattern"][scenario]["accuracy"] > probe["zero"][scenario]["accuracy"] + 0.02

@@ -112,6 +112,11 @@ def test_over_the_memory_budget_streams_automatically(store, tmp_path):
     assert "over the memory budget" in result.output
     resolved = json.loads((tmp_path / "auto" / "config.json").read_text())["resolved"]
     assert resolved["data"]["streaming"] and resolved["data"]["shuffle"] == "chunks"
+    # the linear head needs the training rows in memory: a streamed fit records why it has none, and the saved
+    # linear map stays at 0 (the MLP alone makes the logits)
+    assert resolved["linear_head"] == "skipped: the training rows are streamed"
+    weights = load_file(str(tmp_path / "auto" / "model.safetensors"))
+    assert not weights["linear.weight"].any() and not weights["linear.bias"].any()
 
 
 def test_streaming_refuses_nan_before_training(features, tmp_path):

@@ -108,7 +108,9 @@ def linear_probe(data: Dataset, test_rate: float, missing_seed: int, device: tor
         return torch.as_tensor(mask, device=device)
 
     val = data.splits["val"]
-    fit = lambda x, y, xv, yv: _selected_logistic(x, y, xv, yv, data.task_type, data.n_outputs)  # noqa: E731
+    def fit(x, y, x_val, y_val):
+        return _selected_logistic(x, y, x_val, y_val, data.task_type, data.n_outputs)
+
     l2, head = fit(_standardized(data, "train", train.present, mean, std, "mean", device)[rows(both)],
                    target("train", both), _standardized(data, "val", val.present, mean, std, "mean", device),
                    target("val"))  # L2 chosen on val, full pairs
@@ -122,11 +124,14 @@ def linear_probe(data: Dataset, test_rate: float, missing_seed: int, device: tor
     for scenario in ("full",) + tuple(f"missing-{t}" for t in MISSING_TYPES):
         has = scenario_present(test.ids, test.present, scenario, test_rate, missing_seed)
         with torch.no_grad():
+            by_fill = {}
             for fill in ("zero", "mean"):
-                logits = head(_standardized(data, "test", has, mean, std, fill, device))
-                result["test"].setdefault(fill, {})[scenario] = task_metrics(data.task_type, logits, target("test"))
-            # pairs (and rows with neither) as the pair regression scores them; rows with only m: m's own
-            logits = head(_standardized(data, "test", has, mean, std, "mean", device))
+                by_fill[fill] = head(_standardized(data, "test", has, mean, std, fill, device))
+                result["test"].setdefault(fill, {})[scenario] = task_metrics(data.task_type, by_fill[fill],
+                                                                             target("test"))
+            # per-pattern: pairs (and rows with neither) as the pair regression scored them; rows with only m get
+            # m's own regression (written into the mean fill's logits, already scored)
+            logits = by_fill["mean"]
             for m, other in zip(MODALITIES, MODALITIES[::-1]):
                 only = rows(has[m] & ~has[other])
                 logits[only] = alone[m][1](alone[m][0][only])

@@ -68,6 +68,8 @@ def _test_types(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--synthetic", "synthetic_names", multiple=True,
               type=click.Choice(["synthetic-predictable", "synthetic-weak"]),
               help="A built-in synthetic cache (repeatable): cross-modal R2 about 0.6 (predictable) or 0.1 (weak).")
+@click.option("--draws", type=click.IntRange(1), default=None,
+              help="With --synthetic: run the first N draws (data seeds) of each synthetic cache [default: all].")
 @click.option("--seeds", default="0,1,2", show_default=True, callback=_seeds, help="Training seeds.")
 @click.option("--test-types", default=",".join(MISSING_TYPES), show_default=True, callback=_test_types,
               help="Missing types of the grid (comma-separated; missing training uses the same type).")
@@ -93,7 +95,7 @@ def _test_types(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--out", default="bench-accuracy", show_default=True, type=click.Path(file_okay=False),
               help="Folder for accuracy.json, accuracy.txt and accuracy.png (with --dataset: paper.md, paper.json).")
 @user_errors
-def accuracy_command(datasets, roots, stores, synthetic_names, seeds, test_types, test_rate, train_rate, missing_seed, epochs,
+def accuracy_command(datasets, roots, stores, synthetic_names, draws, seeds, test_types, test_rate, train_rate, missing_seed, epochs,
                      fit_options, device, threads, cache, batch_size, workers, overwrite, out, **encoders):
     """Predict vs zero vs mean fill, in complete and missing training.
 
@@ -126,6 +128,6 @@ def accuracy_command(datasets, roots, stores, synthetic_names, seeds, test_types
     if not stores and not synthetic_names:
         raise click.UsageError("give at least one --dataset NAME --root PATH, --store or --synthetic")
     report = run_bench(list(stores), list(synthetic_names), base, seeds=seeds, out=out, test_rate=test_rate,
-                       train_rate=train_rate, test_types=test_types, log=log)
+                       train_rate=train_rate, test_types=test_types, draws=draws, log=log)
     click.echo("\n".join(report["table"]))
     click.echo(f"wrote {out}/accuracy.json, accuracy.txt, accuracy.png")

@@ -110,7 +110,7 @@ RATE = click.FloatRange(0.0, 1.0)
 @user_errors
 def fit_command(store, out, seeds, compile_, overwrite, quiet, **options):
     """Train the missing-modality predictors and the late-fusion classifier on a feature cache."""
-    from embcache.evaluate import format_table
+    from embcache.runs import format_table
     from embcache.train import fit
 
     cfg = FitConfig(store=store, seed=seeds[0], compile=compile_, **options)
@@ -121,7 +121,7 @@ def fit_command(store, out, seeds, compile_, overwrite, quiet, **options):
     if cfg.predictor == "prompts":
         from pathlib import Path
 
-        from embcache.evaluate import seed_dirs
+        from embcache.runs import seed_dirs
         from embcache.prompts import describe_predictors
 
         saved = json.loads((seed_dirs(Path(out))[0] / "config.json").read_text())
@@ -141,7 +141,7 @@ def fit_command(store, out, seeds, compile_, overwrite, quiet, **options):
 @user_errors
 def eval_command(run_dir, store, rate, device, json_path):
     """Score a fitted run under every test scenario: full, missing-image, missing-text, missing-both."""
-    from embcache.evaluate import evaluate_run, format_table
+    from embcache.runs import evaluate_run, format_table
 
     metrics = evaluate_run(run_dir, store=store, rate=rate, device=device)
     click.echo(format_table(metrics))

@@ -9,8 +9,9 @@ and scores every run on the test split under the matching scenario (`missing-<ty
 under `full`. Every run gets the same trainer (indicators, head, model selection): only the fill differs.
 A linear probe (logistic regression on the concatenated standardised features, trained on the complete
 training rows, L2 chosen on val) is the reference the trainer must match; it is scored with zero and mean
-fill, and per presence pattern (one regression per pattern: no stand-in at all). Results: a table (mean +- std over
-seeds), a JSON file (the table's numbers per cell and seed) and one figure.
+fill, and per presence pattern (one regression per pattern: no stand-in at all). A synthetic cache is run on
+several draws of its data and summarised over them too. Results: a table (mean +- std over seeds, and over draws),
+a JSON file (the table's numbers per cell and seed) and one figure.
 """
 from __future__ import annotations
 
@@ -24,31 +25,36 @@ import torch
 import torch.nn.functional as F
 
 from embcache import synthetic
-from embcache.evaluate import (MAIN_METRIC, Dataset, dataset_from_features, labeled, load_dataset,
-                               scenario_metrics, task_metrics)
+from embcache.data import Dataset, dataset_from_features, labeled, load_dataset
+from embcache.evaluate import scenario_metrics
+from embcache.metrics import MAIN_METRIC, task_metrics
 from embcache.missing import MISSING_TYPES, MODALITIES, scenario_present
 from embcache.models import IMPUTE_MODES, FitConfig
 from embcache.runtime import resolve_device, staged_file
 from embcache.train import fit_logistic, prepare, train
 
-SCHEMA = "embcache.bench-accuracy/1"
+SCHEMA = "embcache.bench-accuracy/2"  # 2: synthetic caches run per draw ("name@draw"), plus "over_draws"
 SETTINGS = ("complete", "missing")
 PROBE_L2 = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 # Synthetic caches (embcache/synthetic.py), small enough for CI-sized runs. "predictable": the modalities share
-# most of their latent, so the cross-modal R2 is high (~0.6); "weak": they share little (~0.1).
+# most of their latent, so the cross-modal R2 is high (~0.6); "weak": they share little (~0.1). Each is run on
+# several draws (data seeds) of its config: the spread between draws is larger than the spread between training
+# seeds (BENCHMARKS.md), so one draw cannot tell a change from luck.
 SYNTHETIC = {
     "synthetic-predictable": dict(n_train=1500, n_val=400, n_test=1000, d_image=64, d_text=48, n_classes=8,
-                                  task_type="multiclass", shared_dim=12, private_dim=2, noise=0.5, seed=11),
+                                  task_type="multiclass", shared_dim=12, private_dim=2, noise=0.5),
     "synthetic-weak": dict(n_train=1500, n_val=400, n_test=1000, d_image=64, d_text=48, n_classes=8,
-                           task_type="multiclass", shared_dim=3, private_dim=12, noise=0.5, seed=12),
+                           task_type="multiclass", shared_dim=3, private_dim=12, noise=0.5),
 }
+SYNTHETIC_DRAWS = {"synthetic-predictable": (11, 21, 22, 23), "synthetic-weak": (12, 24, 25, 26)}
 
 
-def synthetic_dataset(name: str) -> Dataset:
+def synthetic_dataset(name: str, draw: int) -> Dataset:
+    """Draw `draw` (the data seed) of the built-in synthetic cache `name`."""
     if name not in SYNTHETIC:
         raise ValueError(f"unknown synthetic cache {name!r}; choose from {sorted(SYNTHETIC)}")
-    return dataset_from_features(synthetic.make_features(**SYNTHETIC[name]), f"synthetic:{name}")
+    return dataset_from_features(synthetic.make_features(**SYNTHETIC[name], seed=draw), f"synthetic:{name}@{draw}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,6 +219,30 @@ def summarize(cells: list[dict], probe: dict, main: str, imputes, test_types) ->
     return out
 
 
+def over_draws(name: str, draws: list[dict]) -> dict:
+    """One report entry for the draws of a synthetic cache: each number is the mean ± std over draws of the
+    per-draw mean over seeds; `margin` (predict - best baseline) is taken per draw, then averaged."""
+    first = draws[0]
+    summary: dict = {}
+    for setting in SETTINGS:
+        for test_type, by_impute in first["summary"].get(setting, {}).items():
+            out = summary.setdefault(setting, {}).setdefault(test_type, {})
+            for impute in by_impute:
+                per_draw = [d["summary"][setting][test_type][impute] for d in draws]
+                out[impute] = {key: _stats([q[key]["mean"] for q in per_draw]) if per_draw[0][key] else None
+                               for key in ("missing", "full", "r2")}
+            if "predict" in out and len(out) > 1:
+                out["predict"]["margin"] = _stats([
+                    d["summary"][setting][test_type]["predict"]["missing"]["mean"]
+                    - max(q["missing"]["mean"] for i, q in d["summary"][setting][test_type].items() if i != "predict")
+                    for d in draws])
+    summary["probe"] = {fill: {scenario: float(np.mean([d["summary"]["probe"][fill][scenario] for d in draws]))
+                               for scenario in scores}
+                        for fill, scores in first["summary"]["probe"].items()}
+    return {**{k: first[k] for k in ("task", "metric", "classes", "rows", "seeds", "test_rate", "train_rate")},
+            "name": name, "draws": [d["draw"] for d in draws], "summary": summary}
+
+
 def _cell(stats: dict) -> str:
     return "n/a" if stats["mean"] is None else f"{stats['mean']:.3f} ± {stats['std']:.3f}"
 
@@ -222,14 +252,17 @@ def _num(value) -> str:
 
 
 def format_report(report: dict) -> list[str]:
-    """The table: per dataset, rows (setting, test type), columns impute modes, cells mean ± std over seeds."""
+    """The table: per dataset (and per synthetic cache over its draws), rows (setting, test type), columns impute
+    modes, cells mean ± std over seeds (over draws: of the per-draw means)."""
     lines = []
-    for ds in report["datasets"]:
+    for ds in report["datasets"] + report.get("over_draws", []):
         s, main = ds["summary"], ds["metric"]
         imputes = list(next(iter(s[SETTINGS[0]].values())))
+        spread = (f"mean ± std over draws {ds['draws']} of the mean over seeds {ds['seeds']}" if "draws" in ds
+                  else f"mean ± std over seeds {ds['seeds']}")
         lines.append(f"{ds['name']}: {ds['task']}, {ds['classes']} classes, rows train/val/test "
                      f"{ds['rows']['train']}/{ds['rows']['val']}/{ds['rows']['test']}, test {main} at missing rate "
-                     f"{ds['test_rate']}, mean ± std over seeds {ds['seeds']}")
+                     f"{ds['test_rate']}, {spread}")
         header = ["training", "test scenario"] + imputes + ["predict - best baseline", "predictor r2"]
         rows = []
         for setting in SETTINGS:
@@ -238,7 +271,11 @@ def format_report(report: dict) -> list[str]:
                 row += [_cell(by_impute[i]["missing"]) for i in imputes]
                 baselines = [by_impute[i]["missing"]["mean"] for i in imputes if i != "predict"]
                 ok = "predict" in by_impute and baselines and None not in baselines + [by_impute["predict"]["missing"]["mean"]]
-                row.append(f"{by_impute['predict']['missing']['mean'] - max(baselines):+.3f}" if ok else "")
+                if ok and "margin" in by_impute["predict"]:  # over draws: the per-draw margins' mean ± std
+                    margin = by_impute["predict"]["margin"]
+                    row.append(f"{margin['mean']:+.3f} ± {margin['std']:.3f}")
+                else:
+                    row.append(f"{by_impute['predict']['missing']['mean'] - max(baselines):+.3f}" if ok else "")
                 r2 = (by_impute.get("predict") or {}).get("r2")
                 row.append(_num(r2["mean"]) if r2 else "")
                 rows.append(row)
@@ -264,11 +301,13 @@ def _nan(value) -> float:
 
 def plot_report(report: dict, path: str | Path) -> None:
     """One panel per (dataset, training setting): bars per test scenario for each impute mode, with the
-    linear probe's best fill as a marker; error bars are the std over seeds."""
+    linear probe's best fill as a marker; error bars are the std over seeds. A synthetic cache run on several
+    draws gets one row over its draws (error bars: the std over draws) instead of one per draw."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    datasets = report["datasets"]
+    grouped = {d["group"] for d in report.get("over_draws", [])}
+    datasets = [d for d in report["datasets"] if d.get("group") not in grouped] + report.get("over_draws", [])
     fig = Figure(figsize=(11, 3.2 * len(datasets)))
     axes = fig.subplots(len(datasets), len(SETTINGS), squeeze=False)
     for row, ds in zip(axes, datasets):
@@ -300,17 +339,26 @@ def plot_report(report: dict, path: str | Path) -> None:
 
 def run_bench(stores: list[str], synthetic_names: list[str], base: FitConfig, *, seeds: list[int],
               out: str | Path | None = None, test_rate: float = 0.7, train_rate: float = 0.7,
-              test_types=MISSING_TYPES, log=print) -> dict:
+              test_types=MISSING_TYPES, draws: int | None = None, log=print) -> dict:
+    """The grid on each store and on the first `draws` draws of each synthetic cache (default: all of them)."""
     datasets = []
-    sources = [(Path(url.rstrip("/")).stem, lambda url=url: load_dataset(url)) for url in stores]
-    sources += [(name, lambda name=name: synthetic_dataset(name)) for name in synthetic_names]
-    for name, load in sources:
-        log(f"{name}: training {len(SETTINGS) * len(test_types) * len(IMPUTE_MODES) * len(seeds)} runs")
-        datasets.append(run_dataset(name, load(), base, seeds=seeds, test_rate=test_rate, train_rate=train_rate,
-                                    test_types=test_types, log=log))
+    sources = [(Path(url.rstrip("/")).stem, None, lambda url=url: load_dataset(url)) for url in stores]
+    for name in synthetic_names:
+        if name not in SYNTHETIC_DRAWS:
+            raise ValueError(f"unknown synthetic cache {name!r}; choose from {sorted(SYNTHETIC)}")
+        sources += [(name, draw, lambda name=name, draw=draw: synthetic_dataset(name, draw))
+                    for draw in SYNTHETIC_DRAWS[name][:draws]]
+    for name, draw, load in sources:
+        label = name if draw is None else f"{name}@{draw}"
+        log(f"{label}: training {len(SETTINGS) * len(test_types) * len(IMPUTE_MODES) * len(seeds)} runs")
+        entry = run_dataset(label, load(), base, seeds=seeds, test_rate=test_rate, train_rate=train_rate,
+                            test_types=test_types, log=log)
+        datasets.append(entry if draw is None else {**entry, "group": name, "draw": draw})
+    over = [over_draws(f"{name} over {len(group)} draws", group) | {"group": name} for name in synthetic_names
+            if len(group := [d for d in datasets if d.get("group") == name]) > 1]
     report = {"schema": SCHEMA, "config": {k: v for k, v in vars(base).items()
                                            if k not in ("store", "val_store", "test_store")},
-              "versions": {"torch": torch.__version__}, "datasets": datasets}
+              "versions": {"torch": torch.__version__}, "datasets": datasets, "over_draws": over}
     report["table"] = format_report(report)
     if out is not None:
         write_report(out, "accuracy", report, "table", ".txt", figure=plot_report)

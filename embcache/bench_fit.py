@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 
 from embcache import synthetic
-from embcache.evaluate import dataset_from_features
+from embcache.data import dataset_from_features
 from embcache.kernels import vicreg as vicreg_kernels
 from embcache.config import FitBenchConfig, FitConfig, FitError
 from embcache.runtime import resolve_device

@@ -11,11 +11,12 @@ import numpy as np
 import torch
 
 from embcache.bench_accuracy import SETTINGS, run_dataset, write_report
+from embcache.data import labeled, load_dataset
 from embcache.datasets import DATASET_NAMES
 from embcache.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
 from embcache.errors import EmbcacheError
-from embcache.evaluate import labeled, load_dataset, metric_names
 from embcache.extract import ExtractConfig, extract
+from embcache.metrics import metric_names
 from embcache.missing import MISSING_TYPES
 from embcache.models import IMPUTE_MODES, FitConfig, FitError
 

@@ -35,12 +35,13 @@ from tqdm.auto import tqdm
 
 from embcache import kernels as vicreg_kernels
 from embcache import plots
-from embcache.evaluate import (MAIN_METRIC, Dataset, SplitData, SplitTensors, check_finite, dataset_bytes,
-                               load_dataset, masks_to, predict_split, r2_score, scenario_metrics, summarize,
-                               task_metrics)
+from embcache.data import Dataset, SplitData, SplitTensors, check_finite, dataset_bytes, load_dataset, masks_to
+from embcache.evaluate import predict_split, scenario_metrics
+from embcache.metrics import MAIN_METRIC, r2_score, task_metrics
 from embcache.missing import MODALITIES, apply_missing, scenario_of, scenario_present
 from embcache.models import DIRECTIONS, FitConfig, FitError, FusionModel, FusionOutput
 from embcache.prompts import attach_prompt_predictors, resolve_predictors
+from embcache.runs import summarize
 from embcache.runtime import Ranks, bind_local_cuda_device, looks_like_run, resolve_device
 from embcache.store import local_path
 from embcache.stream import Moments, StreamedBatches, chunk_groups, chunked_order, memory_budget_bytes

@@ -28,7 +28,7 @@ from embcache import datasets as ds
 from embcache.config import TuneConfig, check_protocol
 from embcache.encoders import Encoder, to_device, load_image_encoder, load_text_encoder
 from embcache.errors import EmbcacheError
-from embcache.evaluate import MAIN_METRIC, task_metrics
+from embcache.metrics import MAIN_METRIC, task_metrics
 from embcache.extract import Collate, SampleSource
 from embcache.missing import MODALITIES, apply_missing, scenario_of, scenario_present
 from embcache.runtime import resolve_device, staged_file

@@ -7,25 +7,27 @@ from click.testing import CliRunner
 
 from embcache import bench_accuracy
 from embcache.bench_accuracy import linear_probe
-from embcache.evaluate import dataset_from_features
+from embcache.data import dataset_from_features
 from embcache.synthetic import make_features
 from embcache.cli.bench_accuracy import accuracy_command
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = dict(n_train=300, n_val=120, n_test=150, d_image=16, d_text=12, n_classes=3, task_type="multiclass",
-            shared_dim=6, private_dim=2, noise=0.3, seed=1)
+            shared_dim=6, private_dim=2, noise=0.3)
+FAST = ["--epochs", "3", "--fit-option", "predictor_hidden=32", "--fit-option", "classifier_hidden=32",
+        "--fit-option", "predictor_epochs=60", "--fit-option", "lr=0.003"]
 
 
 def test_grid_writes_table_json_and_figure(tmp_path, monkeypatch):
     monkeypatch.setitem(bench_accuracy.SYNTHETIC, "synthetic-predictable", TINY)
     result = CliRunner().invoke(accuracy_command, [
-        "--synthetic", "synthetic-predictable", "--seeds", "0,1", "--test-types", "both,image", "--epochs", "3",
-        "--fit-option", "predictor_hidden=32", "--fit-option", "classifier_hidden=32",
-        "--fit-option", "predictor_epochs=60", "--fit-option", "lr=0.003", "--out", str(tmp_path / "out")])
+        "--synthetic", "synthetic-predictable", "--draws", "1", "--seeds", "0,1", "--test-types", "both,image",
+        *FAST, "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "accuracy.json").read_text())
     (ds,) = report["datasets"]
+    assert ds["name"] == "synthetic-predictable@11" and ds["draw"] == 11 and report["over_draws"] == []
     # 3 impute modes x 2 settings x 2 test types x 2 seeds
     assert len(ds["cells"]) == 24
     assert {(c["setting"], c["test_type"]) for c in ds["cells"]} == {
@@ -55,3 +57,29 @@ def test_per_pattern_probe_scores_single_modality_rows_with_their_own_regression
     assert probe["per-pattern"]["full"]["accuracy"] == probe["mean"]["full"]["accuracy"] == probe["zero"]["full"]["accuracy"]
     for scenario in ("missing-both", "missing-image", "missing-text"):
         assert probe["per-pattern"][scenario]["accuracy"] > probe["zero"][scenario]["accuracy"] + 0.02
+
+
+def test_synthetic_draws_are_summarised_over_draws(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench_accuracy.SYNTHETIC, "synthetic-predictable", TINY)
+    monkeypatch.setitem(bench_accuracy.SYNTHETIC_DRAWS, "synthetic-predictable", (1, 2, 3))
+    result = CliRunner().invoke(accuracy_command, [
+        "--synthetic", "synthetic-predictable", "--draws", "2", "--seeds", "0", "--test-types", "both", *FAST,
+        "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert [d["draw"] for d in report["datasets"]] == [1, 2]  # the first two draws only
+    (over,) = report["over_draws"]
+    assert over["draws"] == [1, 2] and over["group"] == "synthetic-predictable"
+    for setting in ("complete", "missing"):
+        per_draw = [d["summary"][setting]["both"] for d in report["datasets"]]
+        cell = over["summary"][setting]["both"]
+        for impute in ("predict", "zero", "mean"):
+            means = [q[impute]["missing"]["mean"] for q in per_draw]
+            assert cell[impute]["missing"]["mean"] == pytest.approx(sum(means) / 2)
+            assert cell[impute]["missing"]["n"] == 2
+        margins = [q["predict"]["missing"]["mean"] - max(q["zero"]["missing"]["mean"], q["mean"]["missing"]["mean"])
+                   for q in per_draw]
+        assert cell["predict"]["margin"]["mean"] == pytest.approx(sum(margins) / 2)
+        assert cell["predict"]["margin"]["std"] == pytest.approx(abs(margins[0] - margins[1]) / 2 ** 0.5)
+    table = (tmp_path / "out" / "accuracy.txt").read_text()
+    assert "synthetic-predictable over 2 draws" in table and "mean ± std over draws [1, 2]" in table

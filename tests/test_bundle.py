@@ -14,9 +14,10 @@ from click.testing import CliRunner
 import embcache
 from embcache.bundle import BundleError
 from embcache.cli.main import main as cli
-from embcache.evaluate import load_run, predict_logits
+from embcache.evaluate import predict_logits
 from embcache.extract import ExtractConfig, extract
 from embcache.models import FitConfig
+from embcache.runs import load_run
 from embcache.store import open_store
 from embcache.encoders import sha256_file
 from embcache.train import fit

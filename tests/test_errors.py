@@ -123,7 +123,7 @@ def test_fit_unusable_inputs(tmp_path, features_store, unfinished_store):
     error = user_error(["fit", features_store, "--out", features_store, "--overwrite", *SMALL_FIT], FitError)
     assert "is the input store" in str(error)
     error = user_error(["fit", unfinished_store, "--out", tmp_path / "run", *SMALL_FIT], IncompleteStoreError)
-    assert isinstance(error, FitError) and "--allow-partial" in str(error)  # the isinstance check in evaluate.py
+    assert isinstance(error, FitError) and "--allow-partial" in str(error)  # the isinstance check in data.py
 
 
 def test_prompts_more_layers_than_the_encoder_has():

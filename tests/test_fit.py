@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from embcache import synthetic
 from embcache.cli.fit import eval_command, fit_command
-from embcache.evaluate import auroc, f1_scores, load_dataset, r2_score
+from embcache.data import load_dataset
+from embcache.metrics import auroc, f1_scores, r2_score
 from embcache.missing import SCENARIOS, apply_missing
 from embcache.models import FitConfig, FitError
 from embcache.runtime import Ranks

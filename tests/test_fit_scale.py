@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 
 from embcache import synthetic
 from embcache.cli.fit import fit_command
-from embcache.evaluate import evaluate_run, load_dataset, predict_split
+from embcache.data import load_dataset
+from embcache.evaluate import predict_split
 from embcache.models import FitConfig, FitError
+from embcache.runs import evaluate_run
 from embcache.runtime import Ranks
 from embcache.store import FeatureStore, create_store, mark_chunk_done, mark_complete, n_chunks, write_rows
 from embcache.stream import ReadAhead, chunked_order

@@ -9,7 +9,8 @@ import torch
 from embcache import synthetic
 from embcache import train as train_module
 from embcache.bench_accuracy import linear_probe, run_cell
-from embcache.evaluate import dataset_from_features, r2_score
+from embcache.data import dataset_from_features
+from embcache.metrics import r2_score
 from embcache.models import LEGACY_SETTINGS, FitConfig, FusionModel
 from embcache.train import prepare, shrink_factor, substitution, train
 

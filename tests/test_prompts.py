@@ -234,7 +234,7 @@ def fit_cli(store, out, *args):
 def test_fit_with_prompts_trains_and_reports_r2_like_the_mlp(prompt_store, tmp_path):
     import json
 
-    from embcache.evaluate import evaluate_run
+    from embcache.runs import evaluate_run
 
     mlp = fit_cli(prompt_store, tmp_path / "mlp")
     assert mlp.exit_code == 0, mlp.output

@@ -1,0 +1,59 @@
+"""Metrics: the task metrics (F1, AUROC, accuracy) and the predictors' R2, on torch tensors."""
+from __future__ import annotations
+
+import torch
+
+MAIN_METRIC = {"multilabel": "f1_macro", "multiclass": "accuracy", "binary": "auroc"}
+
+
+def f1_scores(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Multilabel F1 at sigmoid 0.5 (logit 0). A class with no positives and no predictions scores 0."""
+    pred, truth = logits > 0, y > 0.5
+    tp = (pred & truth).sum(0).double()
+    wrong = (pred ^ truth).sum(0).double()  # false positives + false negatives
+    per_class = torch.where(2 * tp + wrong > 0, 2 * tp / (2 * tp + wrong).clamp(min=1), torch.zeros_like(tp))
+    micro = 2 * tp.sum() / (2 * tp.sum() + wrong.sum()).clamp(min=1)
+    return {"f1_macro": per_class.mean().item(), "f1_micro": micro.item()}
+
+
+def auroc(scores: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Area under the ROC curve (Mann-Whitney, ties count half); None when one class is absent."""
+    pos = y == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = (ends - (counts.double() - 1) / 2)[inverse]  # average 1-based rank within ties
+    return ((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def metric_names(task_type: str) -> list[str]:
+    return {"multilabel": ["f1_macro", "f1_micro"], "multiclass": ["accuracy"],
+            "binary": ["auroc", "accuracy"]}[task_type]
+
+
+def task_metrics(task_type: str, logits: torch.Tensor, y: torch.Tensor) -> dict[str, float | None]:
+    """The task's metrics on the labeled rows; None when there are none (e.g. an unlabeled test file)."""
+    if task_type != "multilabel":
+        keep = y >= 0
+        logits, y = logits[keep], y[keep]
+    if len(y) == 0:
+        return {name: None for name in metric_names(task_type)}
+    if task_type == "multilabel":
+        return f1_scores(logits, y)
+    accuracy = (logits.argmax(1) == y).double().mean().item()
+    if task_type == "multiclass":
+        return {"accuracy": accuracy}
+    return {"auroc": auroc(logits[:, 1] - logits[:, 0], y), "accuracy": accuracy}
+
+
+def r2_score(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Fraction of the target's variance explained, pooled over dimensions.
+
+    Both are in standardised coordinates (train std 1 per dimension), so every dimension counts about
+    equally; the target's own mean is the baseline (a predictor of the mean scores about 0).
+    """
+    residual = ((target - pred) ** 2).sum()
+    total = ((target - target.mean(0)) ** 2).sum()
+    return (1 - residual / total.clamp(min=1e-12)).item()

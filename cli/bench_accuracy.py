@@ -111,7 +111,7 @@ def accuracy_command(datasets, roots, stores, synthetic_names, draws, seeds, tes
     base = FitConfig(**{**dict(epochs=epochs, device=device, missing_seed=missing_seed), **fit_options})
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     if datasets or roots:
-        from embcache.bench_paper import pair_sources, run_paper
+        from embcache.bench.paper import pair_sources, run_paper
 
         if stores or synthetic_names:
             raise click.ClickException("--dataset cannot be combined with --store or --synthetic; run them apart")
@@ -123,7 +123,7 @@ def accuracy_command(datasets, roots, stores, synthetic_names, draws, seeds, tes
         click.echo("\n".join(report["markdown"]))
         click.echo(f"wrote {out}/paper.md, paper.json")
         return
-    from embcache.bench_accuracy import run_bench
+    from embcache.bench.accuracy import run_bench
 
     if not stores and not synthetic_names:
         raise click.UsageError("give at least one --dataset NAME --root PATH, --store or --synthetic")

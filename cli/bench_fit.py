@@ -38,7 +38,7 @@ D = FitBenchConfig()
 @user_errors
 def fit_bench_command(compile_, json_path, **kw):
     """Fit loop epochs/s on a synthetic MM-IMDb-sized cache, beside the model's pure compute time."""
-    from embcache.bench_fit import run_fit_bench
+    from embcache.bench.fit import run_fit_bench
 
     result = run_fit_bench(compile=compile_, **kw)
     for line in result["table"]:

@@ -109,7 +109,7 @@ def extract_command(dataset, root, out, option, quiet, **kw):
 @user_errors
 def extract_bench_command(dataset, root, limit, processes, json_path, **kw):
     """Whole-pipeline samples/s against the encoders' pure forward throughput at the same batch size."""
-    from embcache.bench_extract import run_extract_bench, run_process_scaling
+    from embcache.bench.extract import run_extract_bench, run_process_scaling
 
     cfg = _config(dataset, root, "", (), **kw)
     if processes:

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from embcache import datasets as ds
+from embcache.config import FitConfig
 from embcache.data import fingerprint_mismatch, store_fingerprint
-from embcache.errors import EmbcacheError
 from embcache.encoders import Encoder, load_image_encoder, load_text_encoder, sha256_file
+from embcache.errors import EmbcacheError
 from embcache.evaluate import predict_logits
 from embcache.images import DECODE, read_image
-from embcache.models import FitConfig, FusionModel
+from embcache.models import FusionModel
 from embcache.runs import load_run, seed_dirs
 from embcache.runtime import resolve_device, staged_file
 from embcache.store import StoreError, open_store

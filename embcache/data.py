@@ -56,7 +56,10 @@ class SplitData:
 
 
 @dataclass
-class Dataset:
+class FeatureSet:
+    """The embeddings a fit trains and scores on: one or more stores' rows as train / val / test splits (not
+    `embcache.datasets.Dataset`, the raw samples a reader yields)."""
+
     task_type: str
     classes: list[str]
     splits: dict[str, SplitData]        # train, val, test
@@ -96,7 +99,7 @@ def fingerprint_mismatch(recorded: dict, current: dict) -> list[str]:
 
 
 def store_fingerprint(fs: FeatureStore) -> dict:
-    """The dataset fingerprint (`Dataset.fingerprint`) of a store's current contents."""
+    """The dataset fingerprint (`FeatureSet.fingerprint`) of a store's current contents."""
     return {"task": fs.task_type, "classes": list(fs.classes),
             "encoders": {m: encoder_fingerprint(fs.encoder(m)) for m in fs.modalities}}
 
@@ -164,7 +167,7 @@ def _split_data(features: CachedFeatures, mask: np.ndarray | None = None, index:
 
 def dataset_from_features(features: CachedFeatures, url: str,
                           extra: dict[str, tuple[CachedFeatures, str]] | None = None, *,
-                          loaded: dict[str, "Loaded"] | None = None) -> Dataset:
+                          loaded: dict[str, "Loaded"] | None = None) -> FeatureSet:
     """Split a checked cache into train/val/test; `extra` maps 'val'/'test' to a whole separate store.
 
     loaded: url -> how `load_dataset` read it (store rows of a partial store, streaming).
@@ -189,7 +192,7 @@ def dataset_from_features(features: CachedFeatures, url: str,
         raise FitError(f"{url}: no training rows (split == 0)")
     chunk_rows = features.meta.get("chunk_rows")
     partial = {u: how.partial for u, how in loaded.items() if how.partial} or None
-    return Dataset(features.task_type, list(features.classes), splits, fp, sources, dict(features.encoders),
+    return FeatureSet(features.task_type, list(features.classes), splits, fp, sources, dict(features.encoders),
                    int(chunk_rows) if chunk_rows else None, partial)
 
 
@@ -251,7 +254,7 @@ def _load(url: str, hidden: bool = False, allow_partial: bool = False, stream: b
 
 def load_dataset(store: str, val_store: str | None = None, test_store: str | None = None,
                  hidden: bool = False, *, allow_partial: bool = False, stream: bool = False,
-                 log: Callable[[str], None] | None = None) -> Dataset:
+                 log: Callable[[str], None] | None = None) -> FeatureSet:
     """Open, read and check the store(s); hidden: also the cached hidden states (`--predictor prompts`).
 
     allow_partial: accept unfinished stores, using only the rows of their written chunks.

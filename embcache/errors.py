@@ -10,9 +10,9 @@ Each stage raises its own subclass, defined beside the code that raises it:
       IncompleteStoreError                  ... because the extraction that wrote it did not finish
     InterchangeError  embcache.interchange  an input that cannot be imported or exported
     FitError          embcache.config       fit / eval settings or inputs that cannot be used
-      PromptError     embcache.prompts      an encoder or cache the prompt predictor cannot use
+      PromptError     embcache.hidden       an encoder or cache the prompt predictor cannot use
     BundleError       embcache.bundle       a run that cannot be exported, a bundle that cannot be applied
-    PaperError        embcache.bench_paper  a paper-grid request (roots, encoders) that cannot run
+    PaperError        embcache.bench.paper  a paper-grid request (roots, encoders) that cannot run
 
 The command line (`embcache.cli.common.user_errors`) catches `EmbcacheError` and nothing else, so any other
 exception is a bug and keeps its traceback. The base stays a `ValueError`, as every stage error was before.

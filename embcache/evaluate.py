@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from embcache.data import Dataset, SplitData, SplitTensors, labeled, masks_to
+from embcache.config import FitConfig
+from embcache.data import FeatureSet, SplitData, SplitTensors, labeled, masks_to
 from embcache.metrics import MAIN_METRIC, task_metrics
 from embcache.missing import MODALITIES, SCENARIOS, scenario_present
-from embcache.models import DIRECTIONS, FitConfig, FusionModel
+from embcache.models import DIRECTIONS, FusionModel
 
 METRICS_SCHEMA = "embcache.metrics/1"
 
@@ -145,7 +146,7 @@ def streamed_scenarios(model: FusionModel, split: SplitData, tensors: SplitTenso
     return results, scores.result() if quality else None
 
 
-def scenario_metrics(model: FusionModel, data: Dataset, cfg: FitConfig, resolved: dict,
+def scenario_metrics(model: FusionModel, data: FeatureSet, cfg: FitConfig, resolved: dict,
                      rate: float | None = None) -> dict:
     """metrics.json for one trained model (docs/metrics-format.md)."""
     device = next(model.parameters()).device

@@ -25,11 +25,11 @@ from torch.utils.data import DataLoader
 
 from embcache import datasets as ds
 from embcache import store as st
-from embcache.images import DECODE_REASONS, MAX_IMAGE_PIXELS, read_image  # noqa: F401 - re-exported
-from embcache.runtime import Ranks, bind_local_cuda_device, resolve_device
 from embcache.config import ExtractConfig
 from embcache.encoders import Encoder, load_image_encoder, load_text_encoder
 from embcache.errors import EmbcacheError
+from embcache.images import DECODE_REASONS, read_image
+from embcache.runtime import Ranks, bind_local_cuda_device, resolve_device
 
 # The reason vocabulary every store starts with: the readers' reasons, then decoding's (embcache/images.py).
 BASE_REASONS = ("present", "missing_field", "missing_file", "empty_text", "non_utf8_text") + DECODE_REASONS
@@ -187,7 +187,7 @@ def reason_vocabulary(dataset: ds.Dataset) -> list[str]:
 def encode_rows(encoder: Encoder, batch, device: torch.device, capture=None) -> torch.Tensor:
     """Encode, halving the batch on a CUDA out-of-memory error instead of failing the run.
 
-    capture: a prompts.StateCapture hooked into the encoder; what a failed attempt recorded is dropped."""
+    capture: a hidden.StateCapture hooked into the encoder; what a failed attempt recorded is dropped."""
     mark = len(capture.states) if capture is not None else 0
     try:
         return encoder.encode(batch, device)
@@ -209,7 +209,7 @@ def encode_rows(encoder: Encoder, batch, device: torch.device, capture=None) -> 
 class HiddenSpec:
     """What `--cache-layers k` stores for one modality."""
 
-    capture: object                    # prompts.StateCapture on the input of block `index`
+    capture: object                    # hidden.StateCapture on the input of block `index`
     index: int
     tokens: int                        # T (text: the max length; shorter rows are zero-padded)
     width: int
@@ -223,18 +223,18 @@ def setup_hidden(cfg: ExtractConfig, encoders: dict[str, Encoder], log) -> dict[
         raise ExtractError(f"--cache-layers must be >= 0, got {cfg.cache_layers}")
     if not cfg.cache_layers:
         return {}
-    from embcache import prompts
+    from embcache import hidden
 
     specs: dict[str, HiddenSpec] = {}
     for m, enc in encoders.items():
         backend = enc.attrs["backend"]
-        if prompts.blocks_of(backend, enc.module) is None:
+        if hidden.blocks_of(backend, enc.module) is None:
             log(f"--cache-layers {cfg.cache_layers}: the {m} encoder {enc.attrs['model']} stores no hidden states: "
-                f"{prompts.why_no_blocks(backend, enc.module)}")
+                f"{hidden.why_no_blocks(backend, enc.module)}")
             continue
         try:
-            capture, index = prompts.attach_capture(backend, enc.module, cfg.cache_layers)
-        except prompts.PromptError as exc:
+            capture, index = hidden.attach_capture(backend, enc.module, cfg.cache_layers)
+        except hidden.PromptError as exc:
             raise ExtractError(f"{m} encoder {enc.attrs['model']}: {exc}") from exc
         if m == "text":
             tokens, width = enc.preprocess.max_length, int(enc.module.config.hidden_size)
@@ -257,7 +257,7 @@ def hidden_chunk_rows(specs: dict[str, HiddenSpec], dtype: str, target_bytes: in
 
 def check_room(cfg: ExtractConfig, specs: dict[str, HiddenSpec], n_rows: int, log) -> None:
     """Print the size the hidden states imply; refuse to start where a local destination lacks the room."""
-    from embcache.prompts import hidden_bytes
+    from embcache.hidden import hidden_bytes
 
     sizes = {m: hidden_bytes(n_rows, s.tokens, s.width, cfg.dtype) for m, s in specs.items()}
     total = sum(sizes.values())

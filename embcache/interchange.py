@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +26,7 @@ from embcache import __version__
 from embcache import datasets as ds
 from embcache import store as st
 from embcache.errors import EmbcacheError
+from embcache.runtime import staged_dir, staged_file
 
 # Absence reasons of imported stores (code = index). The metadata table says the modality is absent,
 # or the embedding row is all zeros (what tools write for a missing input), or it holds NaN/inf.
@@ -41,16 +41,10 @@ class InterchangeError(EmbcacheError):
 # ------------------------------------------------------------------------------------------------
 # Atomic outputs
 # ------------------------------------------------------------------------------------------------
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
 @contextmanager
-def staged_output(out: str, overwrite: bool) -> Iterator[str]:
-    """Yield the path to write `out` at: `<out>.partial`, renamed onto `out` on success, removed on error.
+def staged_output(out: str, overwrite: bool, folder: bool) -> Iterator[str]:
+    """Yield the path to write `out` at (a folder, or a file when not `folder`): a temporary one beside it,
+    renamed onto `out` on success, removed on error (`runtime.staged_dir` / `staged_file`).
 
     A URL (`memory://`, `s3://`, ...) is written in place: there the store's own `complete` flag,
     set last, is what tells readers a store is finished.
@@ -62,21 +56,8 @@ def staged_output(out: str, overwrite: bool) -> Iterator[str]:
         return
     if os.path.lexists(out) and not overwrite:
         raise InterchangeError(f"{out} already exists; pass --overwrite to replace it")
-    tmp = out + ".partial"
-    _remove(tmp)  # left by a run that was killed
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    try:
-        yield tmp
-        if os.path.isdir(out):  # os.replace cannot put a folder over a non-empty one: swap it aside
-            old = out + ".old"
-            _remove(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            _remove(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        _remove(tmp)
+    with (staged_dir if folder else staged_file)(out) as tmp:
+        yield str(tmp)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,7 +77,7 @@ def export_features(store_url: str, to: str, *, overwrite: bool = False) -> dict
     """Write a finished store to the HDF5 file `to`, one row chunk at a time; returns the store's meta."""
     fs = st.open_store(store_url)
     meta, n, rows = fs.meta, fs.n_rows, fs.meta["chunk_rows"]
-    with staged_output(to, overwrite) as tmp, h5py.File(tmp, "w") as h5:
+    with staged_output(to, overwrite, folder=False) as tmp, h5py.File(tmp, "w") as h5:
         h5.attrs[st.ATTRS_KEY] = json.dumps(meta)
         for m in fs.modalities:
             group = h5.create_group(m)
@@ -162,7 +143,7 @@ def import_hdf5(path: str, out: str, *, overwrite: bool = False) -> dict:
             raise InterchangeError(f"{path}: groups {list(encoders)} do not match modalities {modalities}")
         if meta["dataset"].get("n_rows") != n:
             raise InterchangeError(f"{path}: {n} rows but the metadata says {meta['dataset'].get('n_rows')}")
-        with staged_output(out, overwrite) as url:
+        with staged_output(out, overwrite, folder=True) as url:
             root = st.create_store(url, ids=list(ids), split=split, labels=labels, dataset=meta["dataset"],
                                    task=task, encoders=encoders, reasons=[], chunk_rows=meta.get("chunk_rows"),
                                    overwrite=True)
@@ -385,7 +366,7 @@ def import_npy(out: str, *, image: list[str] = (), text: list[str] = (), metadat
                 for m, rows in inputs.items()}
     dataset = {"name": "imported", "source": os.path.abspath(source or metadata[0]), "layout": layout}
     problems = table["problems"]
-    with staged_output(out, overwrite) as url:
+    with staged_output(out, overwrite, folder=True) as url:
         root = st.create_store(url, ids=table["ids"], split=table["split"], labels=table["labels"],
                                dataset=dataset, task={"type": table["task"], "classes": table["classes"]},
                                encoders=encoders, reasons=list(IMPORT_REASONS), chunk_rows=chunk_rows,

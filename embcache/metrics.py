@@ -1,9 +1,20 @@
-"""Metrics: the task metrics (F1, AUROC, accuracy) and the predictors' R2, on torch tensors."""
+"""Metrics: the task loss, the task metrics (F1, AUROC, accuracy) and the predictors' R2, on torch tensors."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 MAIN_METRIC = {"multilabel": "f1_macro", "multiclass": "accuracy", "binary": "auroc"}
+
+
+def task_loss(task_type: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The training loss: BCE per label (multilabel), else cross-entropy over the labeled rows."""
+    if task_type == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits, y)
+    # Unlabeled rows (-1) still train the predictors; divide by a clamped count, not .mean(), so a batch
+    # without labels gives 0 instead of NaN and nothing syncs with the host.
+    total = F.cross_entropy(logits, y, ignore_index=-1, reduction="sum")
+    return total / (y >= 0).sum().clamp(min=1)
 
 
 def f1_scores(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

@@ -12,8 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from embcache.config import (IMPUTE_MODES, LEGACY_SETTINGS, PREDICTOR_TRAINING, PREDICTORS,  # noqa: F401 - re-exported
-                             SELECTIONS, SHUFFLES, FitConfig, FitError)
+from embcache.config import FitConfig
 from embcache.kernels import vicreg_loss
 from embcache.missing import MODALITIES
 

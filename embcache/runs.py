@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from embcache.config import FitConfig, FitError
 from embcache.data import fingerprint_mismatch, load_dataset
 from embcache.evaluate import METRICS_SCHEMA, scenario_metrics
 from embcache.missing import SCENARIOS
-from embcache.models import FitConfig, FitError, FusionModel
+from embcache.models import FusionModel
 from embcache.runtime import resolve_device
 
 

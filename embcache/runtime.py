@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,24 @@ class Ranks:
             torch.distributed.destroy_process_group()
 
 
+def replace_path(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Put `tmp` (a file or a folder) at `out` by a rename. os.replace cannot put anything over a non-empty
+    folder, so a folder at `out` is renamed aside first, put back if the rename fails, and deleted after."""
+    out = Path(out)
+    old = None
+    if out.is_dir() and not out.is_symlink():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_file(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on any error it is removed.
@@ -98,10 +117,25 @@ def staged_file(path: str | os.PathLike) -> Iterator[str]:
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
-        os.replace(tmp, path)
+        replace_path(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `out`; on success it replaces `out` (`replace_path`), on any error
+    it is removed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes 0700; give the folder the mode a plain mkdir would
+        replace_path(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def looks_like_run(path: Path) -> bool:

@@ -19,11 +19,8 @@ import inspect
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -35,14 +32,15 @@ from tqdm.auto import tqdm
 
 from embcache import kernels as vicreg_kernels
 from embcache import plots
-from embcache.data import Dataset, SplitData, SplitTensors, check_finite, dataset_bytes, load_dataset, masks_to
+from embcache.config import FitConfig, FitError
+from embcache.data import FeatureSet, SplitData, SplitTensors, check_finite, dataset_bytes, load_dataset, masks_to
 from embcache.evaluate import predict_split, scenario_metrics
-from embcache.metrics import MAIN_METRIC, r2_score, task_metrics
+from embcache.metrics import MAIN_METRIC, r2_score, task_loss, task_metrics
 from embcache.missing import MODALITIES, apply_missing, scenario_of, scenario_present
-from embcache.models import DIRECTIONS, FitConfig, FitError, FusionModel, FusionOutput
+from embcache.models import DIRECTIONS, FusionModel, FusionOutput
 from embcache.prompts import attach_prompt_predictors, resolve_predictors
 from embcache.runs import summarize
-from embcache.runtime import Ranks, bind_local_cuda_device, looks_like_run, resolve_device
+from embcache.runtime import Ranks, bind_local_cuda_device, looks_like_run, resolve_device, staged_dir
 from embcache.store import local_path
 from embcache.stream import Moments, StreamedBatches, chunk_groups, chunked_order, memory_budget_bytes
 
@@ -77,7 +75,7 @@ class Prepared:
     ranks: Ranks = field(default_factory=Ranks)
 
 
-def prepare(data: Dataset, cfg: FitConfig, device: torch.device, ranks: Ranks | None = None) -> Prepared:
+def prepare(data: FeatureSet, cfg: FitConfig, device: torch.device, ranks: Ranks | None = None) -> Prepared:
     """Apply the training protocol, check the data can train this config, move everything to the device
     (a streamed dataset: everything but the embeddings, which are scanned once here for their statistics)."""
     ranks = ranks or Ranks()
@@ -171,7 +169,7 @@ def _mean_std(moments: dict[str, Moments], device: torch.device) -> tuple[dict, 
     return mean, std
 
 
-def scan_streamed(data: Dataset, train: SplitData, has: dict[str, np.ndarray], device: torch.device,
+def scan_streamed(data: FeatureSet, train: SplitData, has: dict[str, np.ndarray], device: torch.device,
                   read_ahead: int) -> tuple[dict, dict]:
     """Read every streamed split once, chunk by chunk: refuse NaN / inf in present rows (as loading does), and
     accumulate the training rows' normalisation statistics. Splits of one store share one read."""
@@ -215,15 +213,6 @@ def floor_scale(std: torch.Tensor) -> torch.Tensor:
     return torch.where(std > floor, std, torch.ones_like(std))
 
 
-def task_loss(task_type: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if task_type == "multilabel":
-        return F.binary_cross_entropy_with_logits(logits, y)
-    # Unlabeled rows (-1) still train the predictors; divide by a clamped count, not .mean(), so a batch
-    # without labels gives 0 instead of NaN and nothing syncs with the host.
-    total = F.cross_entropy(logits, y, ignore_index=-1, reduction="sum")
-    return total / (y >= 0).sum().clamp(min=1)
-
-
 def substitution(n_rows: int, n_paired: int, rate: float, device: torch.device,
                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor] | None:
     """Rows (of a batch whose first n_paired rows have both modalities) whose image or text the classifier gets
@@ -262,7 +251,7 @@ def batch_loss(net, model: FusionModel, prep: Prepared, idx: torch.Tensor, n_pai
     return loss, torch.stack([loss, task, vicreg]).detach()
 
 
-def make_model(data: Dataset, prep: Prepared, cfg: FitConfig, report: dict | None = None):
+def make_model(data: FeatureSet, prep: Prepared, cfg: FitConfig, report: dict | None = None):
     """(model, its compiled version or itself, optimizer, cosine learning-rate schedule).
 
     Staged predictor training runs here, before the model is wrapped: `report` receives its summary.
@@ -560,7 +549,7 @@ def epoch_batches(prep: Prepared, cfg: FitConfig, generators: dict):
             xs.close()
 
 
-def train(data: Dataset, prep: Prepared, cfg: FitConfig, progress: bool = True) -> TrainResult:
+def train(data: FeatureSet, prep: Prepared, cfg: FitConfig, progress: bool = True) -> TrainResult:
     """Train one seed; keep the epoch with the best val main metric (the last one if val has no labels).
 
     Several processes: each runs its share of the steps (gradients averaged by DDP); only rank 0 scores
@@ -728,7 +717,7 @@ def _fit(cfg: FitConfig, out: Path, seeds: list[int], progress: bool, device: to
     return metrics
 
 
-def _train_and_write(cfg: FitConfig, out: Path, seeds: list[int], progress: bool, data: Dataset,
+def _train_and_write(cfg: FitConfig, out: Path, seeds: list[int], progress: bool, data: FeatureSet,
                      prep: Prepared) -> dict:
     with staged_dir(out) as tmp:
         runs = []
@@ -744,7 +733,7 @@ def _train_and_write(cfg: FitConfig, out: Path, seeds: list[int], progress: bool
         return summary
 
 
-def write_run(run_dir: Path, data: Dataset, prep: Prepared, cfg: FitConfig, result: TrainResult) -> dict:
+def write_run(run_dir: Path, data: FeatureSet, prep: Prepared, cfg: FitConfig, result: TrainResult) -> dict:
     """config.json, model.safetensors, curves.jsonl, metrics.json and the two plots of one seed."""
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = {**prep.resolved, "seconds": result.seconds, "selection": {
@@ -766,27 +755,3 @@ def write_run(run_dir: Path, data: Dataset, prep: Prepared, cfg: FitConfig, resu
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-@contextmanager
-def staged_dir(out: Path):
-    """Yield a fresh sibling temp folder; on success it replaces `out`, on any error it is removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)
-        old = None
-        if out.exists():  # --overwrite (of a run folder, `check_output`): swap, then delete the old run
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old is not None:  # put the old run back
-                os.replace(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

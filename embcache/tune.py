@@ -28,11 +28,11 @@ from embcache import datasets as ds
 from embcache.config import TuneConfig, check_protocol
 from embcache.encoders import Encoder, to_device, load_image_encoder, load_text_encoder
 from embcache.errors import EmbcacheError
-from embcache.metrics import MAIN_METRIC, task_metrics
 from embcache.extract import Collate, SampleSource
+from embcache.metrics import MAIN_METRIC, task_loss, task_metrics
 from embcache.missing import MODALITIES, apply_missing, scenario_of, scenario_present
 from embcache.runtime import resolve_device, staged_file
-from embcache.train import task_loss
+
 
 FORMAT = "embcache.bitfit/1"
 # Batch keys of `extract.Collate` per modality: (positions of the rows that have it, the encoder's input).

@@ -6,7 +6,8 @@ OUT holds the steps' files (junit.xml, bench_*.json); STEPS_TSV has one "name<TA
 step ("skipped" / "no time" instead of an exit code when a step did not run); MODE is "gpu" or "cpu".
 Writes OUT/summary.txt and OUT/summary.json; exits 1 when a check fails. Checks are about correctness
 (tests passed and none skipped for want of CUDA, Triton rows within tolerance, the backend each fit asked
-for is the one it used); the issue's speed targets are reported as met / not met, never as failures.
+for is the one it used); the speed targets (docs/vicreg-kernel.md section 8) are reported as met / not met,
+never as failures.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 import sys
 import xml.etree.ElementTree as ET
 
-# Bench errors are against the public formula in float64 (bench_kernels.py), at sizes up to 8192 x 8192: the
+# Bench errors are against the public formula in float64 (embcache/bench/kernels.py), at sizes up to 8192 x 8192: the
 # self-check's tolerances (kernels/vicreg.py), ~10x what correct kernels give, far below what a bug gives.
 TRITON_TOLERANCE = {"fp32": 1e-4, "tf32": 3e-3, "bf16": 3e-2}
 MAX_FILES_BACK = 8  # what the device tool returns from $OUT
@@ -87,7 +88,7 @@ def check_kernels(out: str, mode: str) -> tuple[list[str], list[str], dict]:
         compiled = timed.get(("compiled_reference", n, d, dtype), {}).get("median_ms")
         closed = timed.get(("closed_form_torch", n, d, dtype), {}).get("median_ms")
         parts = [f"triton {r['median_ms']:.3f} ms, {r['peak_extra_mib'] or 0:.1f} MiB extra"]
-        # issue 12's targets where N < D: >= 10x eager, >= 3x torch.compile
+        # the targets where N < D (docs/vicreg-kernel.md section 8): >= 10x eager, >= 3x torch.compile
         for name, ref, target in (("eager", eager, 10.0), ("compile", compiled, 3.0),
                                   ("closed-form torch", closed, None)):
             if ref:

@@ -5,11 +5,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from embcache import bench_accuracy
-from embcache.bench_accuracy import linear_probe
-from embcache.data import dataset_from_features
-from embcache.synthetic import make_features
+from embcache.bench import accuracy as bench_accuracy
+from embcache.bench.accuracy import linear_probe
+from embcache.bench.synthetic import make_features
 from embcache.cli.bench_accuracy import accuracy_command
+from embcache.data import dataset_from_features
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

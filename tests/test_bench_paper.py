@@ -5,7 +5,7 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from embcache.bench_paper import PaperError, dataset_scores, format_markdown, pair_sources
+from embcache.bench.paper import PaperError, dataset_scores, format_markdown, pair_sources
 from embcache.cli.main import main as cli
 from tiny_encoders import tiny_extract_options
 

@@ -14,12 +14,12 @@ from click.testing import CliRunner
 import embcache
 from embcache.bundle import BundleError
 from embcache.cli.main import main as cli
+from embcache.config import FitConfig
+from embcache.encoders import sha256_file
 from embcache.evaluate import predict_logits
 from embcache.extract import ExtractConfig, extract
-from embcache.models import FitConfig
 from embcache.runs import load_run
 from embcache.store import open_store
-from embcache.encoders import sha256_file
 from embcache.train import fit
 from embcache.tune import TuneConfig, tune
 from tiny_encoders import tiny_extract_options, tiny_timm_checkpoint

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from embcache import store as st
-from embcache import synthetic
+from embcache.bench import synthetic
 from embcache.bundle import BundleError
 from embcache.config import FitError
 from embcache.datasets import DatasetError

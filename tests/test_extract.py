@@ -128,7 +128,7 @@ def test_cli_malformed_metadata_stops_with_a_clear_error_and_writes_nothing(tmp_
 
 
 def test_bench_extract_reports_pipeline_and_pure_throughput(tiny, tmp_path):
-    from embcache.bench_extract import run_extract_bench
+    from embcache.bench.extract import run_extract_bench
 
     cfg = ExtractConfig(dataset="manifest", root=os.path.join(FIXTURES, "manifest", "manifest.jsonl"), out="",
                         workers=0, batch_size=4, **tiny)

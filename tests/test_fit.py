@@ -9,12 +9,12 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from embcache import synthetic
+from embcache.bench import synthetic
 from embcache.cli.fit import eval_command, fit_command
+from embcache.config import FitConfig, FitError
 from embcache.data import load_dataset
 from embcache.metrics import auroc, f1_scores, r2_score
 from embcache.missing import SCENARIOS, apply_missing
-from embcache.models import FitConfig, FitError
 from embcache.runtime import Ranks
 from embcache.store import open_store
 from embcache.train import fit, prepare

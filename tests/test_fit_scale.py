@@ -13,11 +13,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from embcache import synthetic
+from embcache.bench import synthetic
 from embcache.cli.fit import fit_command
+from embcache.config import FitConfig, FitError
 from embcache.data import load_dataset
 from embcache.evaluate import predict_split
-from embcache.models import FitConfig, FitError
 from embcache.runs import evaluate_run
 from embcache.runtime import Ranks
 from embcache.store import FeatureStore, create_store, mark_chunk_done, mark_complete, n_chunks, write_rows

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from embcache import synthetic
 from embcache import train as train_module
-from embcache.bench_accuracy import linear_probe, run_cell
+from embcache.bench import synthetic
+from embcache.bench.accuracy import linear_probe, run_cell
+from embcache.config import LEGACY_SETTINGS, FitConfig
 from embcache.data import dataset_from_features
 from embcache.metrics import r2_score
-from embcache.models import LEGACY_SETTINGS, FitConfig, FusionModel
+from embcache.models import FusionModel
 from embcache.train import prepare, shrink_factor, substitution, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

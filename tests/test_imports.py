@@ -15,8 +15,11 @@ PACKAGES = {"embcache": "embcache", "kernels": "embcache.kernels", "cli": "embca
 def module_files() -> dict[str, pathlib.Path]:
     files = {}
     for folder, package in PACKAGES.items():
-        for path in sorted((ROOT / folder).glob("*.py")):
-            files[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            files[".".join((package, *parts))] = path
     return files
 
 
@@ -85,6 +88,30 @@ def test_the_graph_sees_the_imports_it_should():
 
 def test_no_import_cycle():
     assert cycles(import_graph()) == []
+
+
+# The library's modules in the order the data flows (README "Layout"): each may import only those before it.
+STAGES = ("errors", "config", "runtime", "metrics", "datasets", "dataset_formats", "missing", "images", "encoders",
+          "hidden", "store", "extract", "tune", "stream", "interchange", "data", "models", "prompts", "plots",
+          "evaluate", "runs", "train", "bundle")
+
+
+def test_no_module_imports_a_later_stage():
+    graph = import_graph()
+    library = {f"embcache.{name}" for name in STAGES}
+    assert library <= set(graph), library - set(graph)  # the list names real modules
+    unlisted = {m for m in graph if m.count(".") == 1 and m.startswith("embcache.")
+                and not m.startswith(("embcache.kernels", "embcache.cli", "embcache.bench"))} - library
+    assert unlisted == set(), f"add {sorted(unlisted)} to STAGES"
+    for i, name in enumerate(STAGES):
+        later = {f"embcache.{n}" for n in STAGES[i + 1:]}
+        assert not graph[f"embcache.{name}"] & later, (name, sorted(graph[f"embcache.{name}"] & later))
+
+
+def test_only_the_benchmarks_and_the_command_line_load_the_benchmarks():
+    graph = import_graph()
+    users = {m for m, targets in graph.items() if any(t.startswith("embcache.bench") for t in targets)}
+    assert users and all(m.startswith(("embcache.bench", "embcache.cli.")) for m in users), sorted(users)
 
 
 def test_the_format_readers_build_on_the_datasets_module():

@@ -214,7 +214,7 @@ def test_clip_retrieval_folder_imports_and_loads(tmp_path, meta_ext):
 def test_imported_store_trains_with_fit(tmp_path):
     torch = pytest.importorskip("torch")
     train = pytest.importorskip("embcache.train")
-    from embcache.models import FitConfig
+    from embcache.config import FitConfig
 
     write_clip_retrieval(tmp_path / "clip", n_parts=1, rows=120)
     out = tmp_path / "s.zarr"

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from embcache import store as st
 from embcache.cli.main import main as cli
 from embcache.extract import ExtractConfig, ExtractError, extract, load_encoders
-from embcache.prompts import PromptPredictor, blocks_of, make_runner
+from embcache.hidden import blocks_of, make_runner
+from embcache.prompts import PromptPredictor
 from tiny_encoders import register_tiny_open_clip, tiny_bert_dir, tiny_timm_checkpoint
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "data", "fixtures")
@@ -206,9 +207,9 @@ FIT = ["--epochs", 25, "--lr", 3e-3, "--predictor-hidden", 64, "--classifier-hid
 @pytest.fixture(scope="module")
 def prompt_store(enc, tmp_path_factory):
     """Synthetic features whose text comes with hidden states of the tiny BERT (k = 1); no image states."""
-    from embcache import synthetic
+    from embcache.bench import synthetic
     from embcache.encoders import load_text_encoder
-    from embcache.prompts import synthetic_hidden
+    from embcache.bench.synthetic import synthetic_hidden
 
     features = synthetic.make_features(**SIZES)
     synthetic_hidden(features, "text", tokens=8, width=32, min_tokens=3)
@@ -257,7 +258,7 @@ def test_fit_with_prompts_trains_and_reports_r2_like_the_mlp(prompt_store, tmp_p
 
 
 def test_fit_with_prompts_refuses_a_store_without_hidden_states(tmp_path):
-    from embcache import synthetic
+    from embcache.bench import synthetic
 
     url = synthetic.make_store(str(tmp_path / "s.zarr"), n_train=200, n_val=50, n_test=50)
     result = fit_cli(url, tmp_path / "run", "--predictor", "prompts")

@@ -12,8 +12,8 @@ from embcache import datasets as ds
 from embcache import encoders as enc
 from embcache import tune as tune_module
 from embcache.cli.tune import tune_command
+from embcache.config import FitConfig
 from embcache.missing import apply_missing, scenario_of
-from embcache.models import FitConfig
 from embcache.tune import TuneConfig, TuneError, enable_checkpointing, is_bias, set_training, state_path, tune
 from tiny_encoders import register_tiny_open_clip, tiny_bert_dir, tiny_timm_checkpoint
 

@@ -15,6 +15,7 @@ import hashlib
 
 import numpy as np
 
+from embcache.hidden import HIDDEN_KEY, MASK_KEY, PromptError
 from embcache.store import SPLIT_CODES, CachedFeatures, create_store, mark_complete, write_rows
 
 REASONS = ["present", "missing_field", "missing_file", "empty_text"]
@@ -95,7 +96,7 @@ def write_store(url: str, features: CachedFeatures, *, dtype: str = "float32", o
     """Write `features` as a complete embcache store (docs/cache-format.md)."""
     encoders = {m: {**enc, "dtype": dtype} for m, enc in features.encoders.items()}
     root = create_store(url, ids=list(features.ids), split=features.split, labels=features.labels,
-                        dataset={"name": "synthetic", "source": "embcache.synthetic"},
+                        dataset={"name": "synthetic", "source": "embcache.bench.synthetic"},
                         task={"type": features.task_type, "classes": features.classes},
                         encoders=encoders, reasons=REASONS, overwrite=overwrite)
     problems = {}
@@ -111,3 +112,48 @@ def write_store(url: str, features: CachedFeatures, *, dtype: str = "float32", o
 def make_store(url: str, *, dtype: str = "float32", **kw) -> str:
     """`make_features(**kw)` written to `url`."""
     return write_store(url, make_features(**kw), dtype=dtype)
+
+
+def synthetic_hidden(features, modality: str, tokens: int, width: int, *, seed: int = 0,
+                     noise: float = 0.3, min_tokens: int | None = None) -> None:
+    """Add hidden states that carry the modality's embedding to in-memory features (tests, `bench fit`).
+
+    Token t of a row is its standardised embedding through a fixed random map R_t (W x D), plus noise, layer-
+    normalised like BERT's hidden states; text rows get random real lengths in [min_tokens, tokens]. The
+    encoder attrs are left to the caller (they must name a real encoder with `cache_layers`).
+    """
+    rng = np.random.default_rng(seed)
+    emb = features.emb[modality]
+    present = features.present[modality]
+    z = ((emb - emb[present].mean(0)) / emb[present].std(0).clip(1e-6)).astype(np.float32)
+    maps = rng.standard_normal((tokens, emb.shape[1], width)).astype(np.float32) / np.sqrt(emb.shape[1])
+    n = len(emb)
+    lengths = rng.integers(min_tokens or tokens, tokens + 1, size=n)
+    mask = (np.arange(tokens)[None, :] < lengths[:, None]) & present[:, None]
+    states = np.zeros((n, tokens, width), dtype=np.float16)
+    for start in range(0, n, 2048):  # in row blocks: float32 temporaries stay small
+        rows = slice(start, start + 2048)
+        block = np.einsum("nd,tdw->ntw", z[rows], maps)
+        block += noise * rng.standard_normal(block.shape).astype(np.float32)
+        block = (block - block.mean(-1, keepdims=True)) / block.std(-1, keepdims=True)
+        block[~mask[rows]] = 0.0
+        states[rows] = block
+    features.emb[HIDDEN_KEY.format(modality)] = states
+    if modality == "text":
+        features.emb[MASK_KEY.format(modality)] = mask
+
+
+def add_bench_text_states(features, tokens: int, k: int) -> dict:
+    """`embcache bench fit --predictor prompts`: synthetic text states for the last k blocks of the default
+    text encoder (MiniLM-L6, width 384, shipped on PyPI); the text embeddings must be 384 wide. Returns its attrs."""
+    from embcache.encoders import load_text_encoder
+
+    text = load_text_encoder()
+    n_layers = int(text.module.config.num_hidden_layers)
+    if not 1 <= k <= n_layers:
+        raise PromptError(f"--cache-layers {k}: {text.attrs['model']} has {n_layers} blocks")
+    synthetic_hidden(features, "text", tokens=tokens, width=int(text.module.config.hidden_size),
+                     min_tokens=max(1, tokens // 4))
+    features.encoders["text"] = {**text.attrs, "cache_layers": k, "hidden_layer_index": n_layers - k}
+    return features.encoders["text"]
+

@@ -22,14 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from embcache import synthetic
-from embcache.data import Dataset, dataset_from_features, labeled, load_dataset
+from embcache.bench import synthetic
+from embcache.config import IMPUTE_MODES, FitConfig
+from embcache.data import FeatureSet, dataset_from_features, labeled, load_dataset
 from embcache.evaluate import scenario_metrics
 from embcache.metrics import MAIN_METRIC, task_metrics
 from embcache.missing import MISSING_TYPES, MODALITIES, scenario_present
-from embcache.models import IMPUTE_MODES, FitConfig
 from embcache.runtime import resolve_device, staged_file
 from embcache.train import fit_logistic, prepare, train
 
@@ -37,7 +36,7 @@ SCHEMA = "embcache.bench-accuracy/2"  # 2: synthetic caches run per draw ("name@
 SETTINGS = ("complete", "missing")
 PROBE_L2 = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
-# Synthetic caches (embcache/synthetic.py), small enough for CI-sized runs. "predictable": the modalities share
+# Synthetic caches (embcache/bench/synthetic.py), small enough for CI-sized runs. "predictable": the modalities share
 # most of their latent, so the cross-modal R2 is high (~0.6); "weak": they share little (~0.1). Each is run on
 # several draws (data seeds) of its config: the spread between draws is larger than the spread between training
 # seeds (BENCHMARKS.md), so one draw cannot tell a change from luck.
@@ -50,7 +49,7 @@ SYNTHETIC = {
 SYNTHETIC_DRAWS = {"synthetic-predictable": (11, 21, 22, 23), "synthetic-weak": (12, 24, 25, 26)}
 
 
-def synthetic_dataset(name: str, draw: int) -> Dataset:
+def synthetic_dataset(name: str, draw: int) -> FeatureSet:
     """Draw `draw` (the data seed) of the built-in synthetic cache `name`."""
     if name not in SYNTHETIC:
         raise ValueError(f"unknown synthetic cache {name!r}; choose from {sorted(SYNTHETIC)}")
@@ -60,7 +59,7 @@ def synthetic_dataset(name: str, draw: int) -> Dataset:
 # ------------------------------------------------------------------------------------------------
 # The linear probe
 # ------------------------------------------------------------------------------------------------
-def _standardized(data: Dataset, split: str, has: dict[str, np.ndarray], mean: dict, std: dict, fill: str,
+def _standardized(data: FeatureSet, split: str, has: dict[str, np.ndarray], mean: dict, std: dict, fill: str,
                   device: torch.device) -> torch.Tensor:
     """[image, text] standardised by the train moments; absent parts replaced by zeros (raw) or the mean."""
     sp, parts = data.splits[split], []
@@ -92,7 +91,7 @@ def _selected_logistic(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_
     return best[1], best[2]
 
 
-def linear_probe(data: Dataset, test_rate: float, missing_seed: int, device: torch.device) -> dict:
+def linear_probe(data: FeatureSet, test_rate: float, missing_seed: int, device: torch.device) -> dict:
     """Logistic regressions on the complete training data; {l2, test: {fill: {scenario: metrics}}}.
 
     fills "zero" and "mean": one regression on [image, text] of the training pairs, absent parts filled.
@@ -149,7 +148,7 @@ def linear_probe(data: Dataset, test_rate: float, missing_seed: int, device: tor
 # ------------------------------------------------------------------------------------------------
 # The grid
 # ------------------------------------------------------------------------------------------------
-def run_cell(data: Dataset, cfg: FitConfig, device: torch.device) -> dict:
+def run_cell(data: FeatureSet, cfg: FitConfig, device: torch.device) -> dict:
     """Train one configuration (no files written) and score it on val and test, every scenario."""
     prep = prepare(data, cfg, device)
     result = train(data, prep, cfg, progress=False)
@@ -158,7 +157,7 @@ def run_cell(data: Dataset, cfg: FitConfig, device: torch.device) -> dict:
             "seconds": result.seconds}
 
 
-def run_dataset(name: str, data: Dataset, base: FitConfig, *, seeds: list[int], imputes=IMPUTE_MODES,
+def run_dataset(name: str, data: FeatureSet, base: FitConfig, *, seeds: list[int], imputes=IMPUTE_MODES,
                 test_types=MISSING_TYPES, test_rate: float = 0.7, train_rate: float = 0.7,
                 log=print) -> dict:
     device = resolve_device(base.device)

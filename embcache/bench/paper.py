@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embcache.bench_accuracy import SETTINGS, run_dataset, write_report
+from embcache.bench.accuracy import SETTINGS, run_dataset, write_report
+from embcache.config import IMPUTE_MODES, FitConfig, FitError
 from embcache.data import labeled, load_dataset
 from embcache.datasets import DATASET_NAMES
 from embcache.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
@@ -18,7 +19,6 @@ from embcache.errors import EmbcacheError
 from embcache.extract import ExtractConfig, extract
 from embcache.metrics import metric_names
 from embcache.missing import MISSING_TYPES
-from embcache.models import IMPUTE_MODES, FitConfig, FitError
 
 SCHEMA = "embcache.bench-paper/1"
 DEFAULT_CACHE = "bench-cache"
@@ -180,7 +180,7 @@ def run_paper(sources: list[tuple[str, str]], base: FitConfig, *, seeds: list[in
     """Extract every (dataset, root) into `cache`, run the accuracy grid on each store, write the table.
 
     One store per dataset and encoder settings (`cache_path`); a finished store with the same fingerprint is
-    reused, an interrupted one resumes. The grid is `embcache.bench_accuracy.run_dataset`'s. The table: rows =
+    reused, an interrupted one resumes. The grid is `embcache.bench.accuracy.run_dataset`'s. The table: rows =
     (training setting, test scenario), one column group per dataset with the metrics of its task type
     (multilabel: F1-macro, F1-micro; multiclass: accuracy; binary: AUROC, accuracy), one column per impute mode,
     cells mean ± std over seeds. Files in `out`: paper.md (the table) and paper.json (its numbers, every run).

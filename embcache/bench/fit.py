@@ -1,7 +1,7 @@
 """`embcache bench fit`: whole fit loop against the pure compute of the same model.
 
 The cache is synthetic and MM-IMDb-sized (15,552 / 2,608 / 7,799 rows, 23 labels), built in memory
-(`embcache.synthetic`), so the bench measures training, not Zarr reads. "Pure compute" is one
+(`embcache.bench.synthetic`), so the bench measures training, not Zarr reads. "Pure compute" is one
 forward + backward + optimizer step of the same model on a fixed batch, timed over a few steps after a
 warm-up, times the number of steps of the run; the ratio fit / compute is the loop's overhead
 (gathers, permutations, per-epoch val scoring, best-epoch copies).
@@ -14,10 +14,10 @@ from dataclasses import replace
 
 import torch
 
-from embcache import synthetic
+from embcache.bench import synthetic
+from embcache.config import FitBenchConfig, FitConfig, FitError
 from embcache.data import dataset_from_features
 from embcache.kernels import vicreg as vicreg_kernels
-from embcache.config import FitBenchConfig, FitConfig, FitError
 from embcache.runtime import resolve_device
 from embcache.train import batch_loss, make_model, prepare, train
 
@@ -98,7 +98,7 @@ def run_fit_bench(*, n_train: int = B.n_train, dim: int = B.dim, n_classes: int 
         private_dim=16)
     data = mlp_data = dataset_from_features(features, "synthetic:mmimdb")
     if predictor == "prompts":
-        from embcache.prompts import add_bench_text_states
+        from embcache.bench.synthetic import add_bench_text_states
 
         add_bench_text_states(features, tokens, cache_layers)
         data = dataset_from_features(features, "synthetic:mmimdb")

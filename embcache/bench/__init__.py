@@ -1,0 +1,1 @@
+"""Benchmarks (`embcache bench ...`) and the synthetic caches they and the tests train on; no stage imports them."""

@@ -71,7 +71,7 @@ def test_every_stage_error_is_an_embcache_error_and_still_a_value_error():
     assert issubclass(IncompleteStoreError, StoreError) and issubclass(PromptError, FitError)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "embcache").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "embcache").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_error_class_bypasses_the_base(path):
     tree = ast.parse(path.read_text(encoding="utf-8"))
     bypassing = [node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)

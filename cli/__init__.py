@@ -1,0 +1,1 @@
+"""The command line: `embcache ...` (main.py, a lazy click group), one module per command."""

@@ -1,8 +1,12 @@
-"""embcache.runtime: the torchrun device binding (issue 12), with a fake multi-GPU CUDA."""
+"""embcache.runtime: the torchrun device binding (issue 12), with a fake multi-GPU CUDA; the atomic writes."""
+import os
+import pathlib
+
 import pytest
 import torch
 
 from embcache import runtime
+from embcache.runtime import replace_path, staged_dir, staged_file
 
 
 @pytest.fixture
@@ -66,3 +70,45 @@ def test_extract_binds_the_rank_device_before_loading_encoders(monkeypatch, tmp_
         ex.extract(ex.ExtractConfig(dataset="manifest", root=str(manifest), out=str(tmp_path / "s.zarr"),
                                     device="cpu"), progress=False)
     assert seen == [torch.device("cpu")]
+
+
+def test_staged_dir_replaces_a_folder_only_on_success(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_dir(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("killed halfway")
+    assert [p.name for p in out.iterdir()] == ["old.txt"]  # the finished work is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no debris
+    with staged_dir(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the old folder, swapped aside, is gone
+
+
+def test_replace_path_puts_the_old_folder_back_when_the_rename_fails(tmp_path, monkeypatch):
+    out, new = tmp_path / "store", tmp_path / "new"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    new.mkdir()
+    real = os.replace
+
+    def failing(src, dst):
+        if os.fspath(src) == os.fspath(new):
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError):
+        replace_path(new, out)
+    assert (out / "keep").read_text() == "x"
+
+
+def test_staged_file_writes_atomically(tmp_path):
+    path = tmp_path / "a" / "metrics.json"
+    with staged_file(path) as tmp:
+        pathlib.Path(tmp).write_text("{}")
+        assert not path.exists()  # readers never see a half-written file
+    assert path.read_text() == "{}" and sorted(p.name for p in path.parent.iterdir()) == ["metrics.json"]

@@ -49,10 +49,14 @@ SYNTHETIC = {
 SYNTHETIC_DRAWS = {"synthetic-predictable": (11, 21, 22, 23), "synthetic-weak": (12, 24, 25, 26)}
 
 
-def synthetic_dataset(name: str, draw: int) -> FeatureSet:
-    """Draw `draw` (the data seed) of the built-in synthetic cache `name`."""
+def _check_synthetic(name: str) -> None:
     if name not in SYNTHETIC:
         raise ValueError(f"unknown synthetic cache {name!r}; choose from {sorted(SYNTHETIC)}")
+
+
+def synthetic_dataset(name: str, draw: int) -> FeatureSet:
+    """Draw `draw` (the data seed) of the built-in synthetic cache `name`."""
+    _check_synthetic(name)
     return dataset_from_features(synthetic.make_features(**SYNTHETIC[name], seed=draw), f"synthetic:{name}@{draw}")
 
 
@@ -174,9 +178,11 @@ def run_dataset(name: str, data: FeatureSet, base: FitConfig, *, seeds: list[int
                     cell = run_cell(data, cfg, device)
                     cells.append({"setting": setting, "test_type": test_type, "impute": impute, "seed": seed,
                                   **cell})
+            scores = {imp: [c["test"][f"missing-{test_type}"][main] for c in cells
+                            if (c["setting"], c["test_type"], c["impute"]) == (setting, test_type, imp)]
+                      for imp in imputes}
             log(f"  {name}: {setting} training, test type {test_type}: "
-                + ", ".join(f"{imp} {_mean_std([c['test'][f'missing-{test_type}'][main] for c in cells if (c['setting'], c['test_type'], c['impute']) == (setting, test_type, imp)])}"
-                            for imp in imputes))
+                + ", ".join(f"{imp} {_cell(_stats(values))}" for imp, values in scores.items()))
     probe = linear_probe(data, test_rate, base.missing_seed, device)
     train = data.splits["train"]
     return {"name": name, "task": data.task_type, "metric": main, "classes": len(data.classes),
@@ -184,13 +190,6 @@ def run_dataset(name: str, data: FeatureSet, base: FitConfig, *, seeds: list[int
             "train_paired": int((train.present["image"] & train.present["text"]).sum()),
             "seeds": seeds, "test_rate": test_rate, "train_rate": train_rate, "cells": cells, "probe": probe,
             "summary": summarize(cells, probe, main, imputes, test_types), "seconds": time.perf_counter() - start}
-
-
-def _mean_std(values) -> str:
-    values = np.asarray([v for v in values if v is not None], dtype=np.float64)
-    if len(values) == 0:
-        return "n/a"
-    return f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.3f}"
 
 
 def _stats(values) -> dict:
@@ -343,8 +342,7 @@ def run_bench(stores: list[str], synthetic_names: list[str], base: FitConfig, *,
     datasets = []
     sources = [(Path(url.rstrip("/")).stem, None, lambda url=url: load_dataset(url)) for url in stores]
     for name in synthetic_names:
-        if name not in SYNTHETIC_DRAWS:
-            raise ValueError(f"unknown synthetic cache {name!r}; choose from {sorted(SYNTHETIC)}")
+        _check_synthetic(name)  # before any training starts
         sources += [(name, draw, lambda name=name, draw=draw: synthetic_dataset(name, draw))
                     for draw in SYNTHETIC_DRAWS[name][:draws]]
     for name, draw, load in sources:

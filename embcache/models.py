@@ -7,6 +7,7 @@ real targets, and "mean imputation" is simply 0. The model takes raw cached embe
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -75,6 +76,10 @@ class FusionModel(nn.Module):
             if cfg.shrink and cfg.predictor_training == "staged":  # one factor per direction, set by the trainer
                 for name in DIRECTIONS:
                     self.register_buffer(f"shrink_{name}", torch.ones(()))
+            if cfg.route_complete:  # mean fill's model for rows with both modalities: loaded by the trainer, frozen
+                self.complete = FusionModel(dims, n_outputs, replace(cfg, impute="mean"))
+                self.complete.requires_grad_(False)
+                self.routing = True  # off while the trainer fits and selects this model (train.make_model)
 
     @torch.no_grad()
     def set_normalization(self, mean: dict[str, torch.Tensor], std: dict[str, torch.Tensor]) -> None:
@@ -105,10 +110,22 @@ class FusionModel(nn.Module):
         rows whose real embedding the classifier gets the stand-in for instead (training substitution); first:
         direction -> predictions that replace the predictor's on the first rows (cross-fitted, training)."""
         inputs, z, pred = self.inputs(x, has, hide, first)
+        logits = self.head(inputs)
+        if getattr(self, "routing", False) and not self.training:
+            # Inference: a row with both modalities gets mean fill's answer (its inputs are the same whatever the
+            # fill). Training still fits this classifier on every row: it learns to read real embeddings there too.
+            both = has["image"] & has["text"]
+            if hide is not None:
+                both = both & ~hide["image"] & ~hide["text"]
+            logits = torch.where(both.unsqueeze(1), self.complete.head(inputs), logits)
+        return FusionOutput(logits, z, pred)
+
+    def head(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The classifier's logits (+ the linear head's) on the inputs that `inputs` builds."""
         logits = self.classifier(inputs)
         if hasattr(self, "linear"):
             logits = logits + self.linear(inputs)
-        return FusionOutput(logits, z, pred)
+        return logits
 
     def inputs(self, x: dict[str, torch.Tensor], has: dict[str, torch.Tensor],
                hide: dict[str, torch.Tensor] | None = None, first: dict[str, torch.Tensor] | None = None

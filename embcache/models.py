@@ -76,10 +76,12 @@ class FusionModel(nn.Module):
             if cfg.shrink and cfg.predictor_training == "staged":  # one factor per direction, set by the trainer
                 for name in DIRECTIONS:
                     self.register_buffer(f"shrink_{name}", torch.ones(()))
-            if cfg.route_complete:  # mean fill's model for rows with both modalities: loaded by the trainer, frozen
-                self.complete = FusionModel(dims, n_outputs, replace(cfg, impute="mean"))
-                self.complete.requires_grad_(False)
-                self.routing = True  # off while the trainer fits and selects this model (train.make_model)
+        if cfg.route_complete and cfg.impute != "mean":
+            # mean fill's model for rows with both modalities (every impute mode, so that they differ only on the
+            # rows that lack a modality): loaded by the trainer, frozen
+            self.complete = FusionModel(dims, n_outputs, replace(cfg, impute="mean"))
+            self.complete.requires_grad_(False)
+            self.routing = True  # off while the trainer fits and selects this model (train.make_model)
 
     @torch.no_grad()
     def set_normalization(self, mean: dict[str, torch.Tensor], std: dict[str, torch.Tensor]) -> None:

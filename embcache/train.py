@@ -545,6 +545,7 @@ class TrainResult:
     seconds: float
     predictors: dict | None = None      # staged predictor training: its best epoch, val R2, shrink factors
     linear_head: dict | str | None = None  # the linear head's L2 weight and val score (or why it was skipped)
+    complete_rows: dict | None = None   # route_complete: the mean-fill model's best epoch, val score, seconds
 
 
 def epoch_batches(prep: Prepared, cfg: FitConfig, generators: dict):
@@ -581,13 +582,13 @@ def train(data: FeatureSet, prep: Prepared, cfg: FitConfig, progress: bool = Tru
     val and keeps the best epoch, and the epoch losses are averaged over all processes.
     """
     staged: dict = {}
-    complete = None
-    if cfg.impute == "predict" and cfg.route_complete:  # mean fill's model first, on the same seed and batches
+    complete, complete_rows = None, None
+    if cfg.impute != "mean" and cfg.route_complete:  # mean fill's model first, on the same seed and batches
         mean_cfg = replace(cfg, impute="mean")
         first = train(data, prepared_for(prep, data, mean_cfg), mean_cfg, progress)
         complete = first.model
-        staged["complete_rows"] = {"model": "impute mean", "best_epoch": first.best_epoch, "val": first.best_value,
-                                   "seconds": first.seconds}
+        complete_rows = {"model": "impute mean", "best_epoch": first.best_epoch, "val": first.best_value,
+                         "seconds": first.seconds}
     model, net, optimizer, schedule = make_model(data, prep, cfg, staged, complete)
     main = MAIN_METRIC[data.task_type]
     generators: dict = {}
@@ -632,7 +633,7 @@ def train(data: FeatureSet, prep: Prepared, cfg: FitConfig, progress: bool = Tru
         model.routing = True
     summary = {k: v for k, v in staged.items() if k not in ("out_of_fold", "paired_position", "linear_head")}
     return TrainResult(model, curves, best_epoch, best_value, time.perf_counter() - start, summary or None,
-                       staged.get("linear_head"))
+                       staged.get("linear_head"), complete_rows)
 
 
 def substitution_generator(generators: dict, cfg: FitConfig, device: torch.device) -> torch.Generator:
@@ -774,7 +775,7 @@ def write_run(run_dir: Path, data: FeatureSet, prep: Prepared, cfg: FitConfig, r
         "split": "val", "scenario": prep.resolved["selection_scenario"], "metric": MAIN_METRIC[data.task_type],
         "best_epoch": result.best_epoch, "value": result.best_value, "epochs": cfg.epochs,
         "by": cfg.select}, "predictor_training": result.predictors,
-        "linear_head": result.linear_head}
+        "linear_head": result.linear_head, "complete_rows": result.complete_rows}
     write_json(run_dir / "config.json", {**asdict(cfg), "resolved": resolved})
     save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
               str(run_dir / "model.safetensors"), metadata={"format": "embcache.fit/1"})

@@ -89,22 +89,24 @@ def test_a_useless_predictor_gives_exactly_mean_imputation(unrelated):
 
 def test_complete_rows_get_exactly_mean_fills_answer(predictable):
     """route_complete: a row with both modalities is scored by the mean-fill model trained first (same seed, same
-    batches), bit for bit; a row that lacks one gets the prediction's classifier."""
+    batches), bit for bit, whatever the impute mode; a row that lacks one gets the run's own classifier."""
     device = torch.device("cpu")
     cfg = FitConfig(train_missing_rate=0.7, **SMALL)
     runs = {name: train(predictable, prepare(predictable, c, device), c, progress=False)
             for name, c in [("predict", cfg), ("mean", replace(cfg, impute="mean")),
-                            ("unrouted", replace(cfg, route_complete=False))]}
+                            ("zero", replace(cfg, impute="zero")), ("unrouted", replace(cfg, route_complete=False))]}
     test = predictable.splits["test"]
     x = {m: torch.as_tensor(test.emb[m]) for m in MODALITIES}
     both = {m: torch.ones(len(test), dtype=torch.bool) for m in MODALITIES}
     text_only = {"image": torch.zeros(len(test), dtype=torch.bool), "text": both["text"]}
     full = {name: predict_logits(r.model, x, both) for name, r in runs.items()}
-    assert torch.equal(full["predict"], full["mean"]) and not torch.allclose(full["unrouted"], full["mean"])
+    assert torch.equal(full["predict"], full["mean"]) and torch.equal(full["zero"], full["mean"])
+    assert not torch.allclose(full["unrouted"], full["mean"])
     alone = {name: predict_logits(r.model, x, text_only) for name, r in runs.items()}
     # selected as without the routing: the same classifier for the rows that lack a modality
     assert torch.equal(alone["predict"], alone["unrouted"]) and not torch.allclose(alone["predict"], alone["mean"])
-    assert runs["predict"].predictors["complete_rows"]["best_epoch"] == runs["mean"].best_epoch
+    assert not torch.allclose(alone["zero"], alone["mean"])
+    assert runs["predict"].complete_rows["best_epoch"] == runs["mean"].best_epoch
 
 
 def test_staged_predictors_reach_ridge_quality_and_keep_their_shrink(predictable):

@@ -282,7 +282,7 @@ def make_model(data: FeatureSet, prep: Prepared, cfg: FitConfig, report: dict | 
         model.complete.load_state_dict(complete.state_dict())
         # The head's L2 and the epoch are chosen without the routing, on every val row of the selection scenario:
         # chosen on the rows that lack a modality alone (~70 % of a small val set), they did worse (icons,
-        # missing-both: 0.713 ± 0.015 against 0.726 ± 0.015; BENCHMARKS.md). `train` switches it on at the end.
+        # missing-both: 0.713 ± 0.015 against 0.726 ± 0.015; BENCHMARKS.md). `choose_routing` decides at the end.
         model.routing = False
     if prep.resolved.get("predictors"):
         attach_prompt_predictors(model, prep.resolved["prompt_encoders"], cfg, data)
@@ -629,11 +629,32 @@ def train(data: FeatureSet, prep: Prepared, cfg: FitConfig, progress: bool = Tru
         bar.set_postfix(loss=f"{mean_loss:.4f}", **{f"val_{main}": "n/a" if value is None else f"{value:.4f}"})
     if best_state is not None:
         model.load_state_dict(best_state)
-    if complete is not None:
-        model.routing = True
+    if complete is not None and lead:
+        complete_rows.update(choose_routing(model, prep, cfg, data.task_type))
     summary = {k: v for k, v in staged.items() if k not in ("out_of_fold", "paired_position", "linear_head")}
     return TrainResult(model, curves, best_epoch, best_value, time.perf_counter() - start, summary or None,
                        staged.get("linear_head"), complete_rows)
+
+
+def choose_routing(model: FusionModel, prep: Prepared, cfg: FitConfig, task_type: str) -> dict:
+    """route_complete: score the val rows that have both modalities with the run's own classifier and with the
+    mean-fill model, and route such rows to mean fill unless its own classifier is better there (model selection's
+    criterion; a tie goes to mean fill). Sets model.routing; returns {own, mean, routed} for config.json.
+
+    Why a choice: where predictions are poor (icons, R2 ~0.03) learning to read them cost predict 2.4 points of
+    full-pair accuracy; where they are good (synthetic, R2 ~0.6) the rows that carry one taught the classifier,
+    and its own full-pair accuracy beat mean fill's by up to 0.018 (BENCHMARKS.md)."""
+    val = prep.val_split
+    both = torch.as_tensor(val.present["image"] & val.present["text"], device=prep.device)
+    has = {m: both for m in MODALITIES}  # the rows that have both, scored with both (other rows' values unused)
+    keys = {}
+    for name, routing in (("own", False), ("mean", True)):
+        model.routing = routing
+        logits = predict_split(model, val, prep.val, has, cfg.read_ahead)
+        keys[name] = selection_key(cfg, task_type, logits[both], prep.val.y[both])
+    own, mean = keys["own"][2], keys["mean"][2]
+    model.routing = own is None or mean is None or mean >= own
+    return {"val_full": {"own": keys["own"][0], "mean": keys["mean"][0]}, "routed": model.routing}
 
 
 def substitution_generator(generators: dict, cfg: FitConfig, device: torch.device) -> torch.Generator:

@@ -87,9 +87,11 @@ def test_a_useless_predictor_gives_exactly_mean_imputation(unrelated):
     assert predict["test"] == mean["test"]
 
 
-def test_complete_rows_get_exactly_mean_fills_answer(predictable):
-    """route_complete: a row with both modalities is scored by the mean-fill model trained first (same seed, same
-    batches), bit for bit, whatever the impute mode; a row that lacks one gets the run's own classifier."""
+def test_complete_rows_get_exactly_mean_fills_answer_when_it_scores_better_on_val(predictable):
+    """route_complete: with the routing on, a row with both modalities is scored by the mean-fill model trained first
+    (same seed, same batches), bit for bit, whatever the impute mode; a row that lacks one gets the run's own
+    classifier, selected as without the routing. The routing is on when mean fill scores at least as well on the
+    val rows with both modalities."""
     device = torch.device("cpu")
     cfg = FitConfig(train_missing_rate=0.7, **SMALL)
     runs = {name: train(predictable, prepare(predictable, c, device), c, progress=False)
@@ -99,14 +101,19 @@ def test_complete_rows_get_exactly_mean_fills_answer(predictable):
     x = {m: torch.as_tensor(test.emb[m]) for m in MODALITIES}
     both = {m: torch.ones(len(test), dtype=torch.bool) for m in MODALITIES}
     text_only = {"image": torch.zeros(len(test), dtype=torch.bool), "text": both["text"]}
-    full = {name: predict_logits(r.model, x, both) for name, r in runs.items()}
-    assert torch.equal(full["predict"], full["mean"]) and torch.equal(full["zero"], full["mean"])
-    assert not torch.allclose(full["unrouted"], full["mean"])
-    alone = {name: predict_logits(r.model, x, text_only) for name, r in runs.items()}
-    # selected as without the routing: the same classifier for the rows that lack a modality
-    assert torch.equal(alone["predict"], alone["unrouted"]) and not torch.allclose(alone["predict"], alone["mean"])
-    assert not torch.allclose(alone["zero"], alone["mean"])
-    assert runs["predict"].complete_rows["best_epoch"] == runs["mean"].best_epoch
+    mean_full = predict_logits(runs["mean"].model, x, both)
+    for name in ("predict", "zero"):
+        model, chosen = runs[name].model, runs[name].complete_rows
+        assert chosen["best_epoch"] == runs["mean"].best_epoch
+        assert chosen["routed"] == (chosen["val_full"]["mean"] >= chosen["val_full"]["own"])
+        assert model.routing == chosen["routed"]
+        model.routing = True
+        assert torch.equal(predict_logits(model, x, both), mean_full)
+        assert not torch.allclose(predict_logits(model, x, text_only), predict_logits(runs["mean"].model, x, text_only))
+        model.routing = False
+        assert not torch.allclose(predict_logits(model, x, both), mean_full)
+    # the own classifier is the one a run without the routing selects
+    assert torch.equal(predict_logits(runs["predict"].model, x, both), predict_logits(runs["unrouted"].model, x, both))
 
 
 def test_staged_predictors_reach_ridge_quality_and_keep_their_shrink(predictable):

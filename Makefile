@@ -41,8 +41,10 @@ demo: $(STAMP)
 	@echo "predictions:    $(DEMO)/predictions.jsonl"
 	@echo "accuracy table: $(DEMO)/accuracy/accuracy.txt (json, png beside it)"
 
+# PYTHONSAFEPATH=1: the repository root stays off sys.path (tests' subprocesses included), so its kernels/ folder
+# (installed as embcache.kernels) cannot shadow Hugging Face's `kernels` package, which transformers imports.
 test: $(STAMP)
-	$(OFFLINE) $(PY) -m pytest -q
+	$(OFFLINE) PYTHONSAFEPATH=1 $(PY) -m pytest -q
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -70,8 +70,8 @@ class FitConfig:
     input_dropout: float = 0.3          # dropout on the classifier's input features (a strong regulariser for wide
                                         # embeddings on small sets)
     indicators: bool = True             # the classifier also sees which modalities are real (every impute mode)
-    # rows with both modalities are scored by mean fill's model (trained first with the same seed, then frozen inside
-    # the run), so the impute modes differ only on rows that lack a modality (impute predict and zero)
+    # impute predict and zero: rows with both modalities are scored by mean fill's model (trained first with the same
+    # seed, then frozen inside the run) unless the run's own classifier scores better on those val rows
     route_complete: bool = True
     # The classifier's logits = a linear map of its inputs + the MLP. The linear map is a logistic regression fitted
     # first (full-batch L-BFGS, L2 weight chosen on val; docs/training.md) and then kept; the MLP starts at 0 and

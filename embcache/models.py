@@ -77,11 +77,11 @@ class FusionModel(nn.Module):
                 for name in DIRECTIONS:
                     self.register_buffer(f"shrink_{name}", torch.ones(()))
         if cfg.route_complete and cfg.impute != "mean":
-            # mean fill's model for rows with both modalities (every impute mode, so that they differ only on the
-            # rows that lack a modality): loaded by the trainer, frozen
+            # mean fill's model for rows with both modalities: loaded by the trainer, frozen
             self.complete = FusionModel(dims, n_outputs, replace(cfg, impute="mean"))
             self.complete.requires_grad_(False)
-            self.routing = True  # off while the trainer fits and selects this model (train.make_model)
+            # set by the trainer (train.choose_routing): off while it fits and selects this model
+            self.register_buffer("routing_on", torch.ones((), dtype=torch.bool))
 
     @torch.no_grad()
     def set_normalization(self, mean: dict[str, torch.Tensor], std: dict[str, torch.Tensor]) -> None:
@@ -113,14 +113,23 @@ class FusionModel(nn.Module):
         direction -> predictions that replace the predictor's on the first rows (cross-fitted, training)."""
         inputs, z, pred = self.inputs(x, has, hide, first)
         logits = self.head(inputs)
-        if getattr(self, "routing", False) and not self.training:
-            # Inference: a row with both modalities gets mean fill's answer (its inputs are the same whatever the
-            # fill). Training still fits this classifier on every row: it learns to read real embeddings there too.
-            both = has["image"] & has["text"]
+        if hasattr(self, "complete") and not self.training:
+            # Inference, routing on: a row with both modalities gets mean fill's answer (its inputs are the same
+            # whatever the fill). Training fits this classifier on every row: it learns to read real embeddings there.
+            both = has["image"] & has["text"] & self.routing_on  # a buffer: no host sync
             if hide is not None:
                 both = both & ~hide["image"] & ~hide["text"]
             logits = torch.where(both.unsqueeze(1), self.complete.head(inputs), logits)
         return FusionOutput(logits, z, pred)
+
+    @property
+    def routing(self) -> bool:
+        """Whether rows with both modalities get the mean-fill model's answer (FitConfig.route_complete)."""
+        return hasattr(self, "complete") and bool(self.routing_on)
+
+    @routing.setter
+    def routing(self, on: bool) -> None:
+        self.routing_on.fill_(on)
 
     def head(self, inputs: torch.Tensor) -> torch.Tensor:
         """The classifier's logits (+ the linear head's) on the inputs that `inputs` builds."""

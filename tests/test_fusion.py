@@ -106,7 +106,7 @@ def test_complete_rows_get_exactly_mean_fills_answer_when_it_scores_better_on_va
         model, chosen = runs[name].model, runs[name].complete_rows
         assert chosen["best_epoch"] == runs["mean"].best_epoch
         assert chosen["routed"] == (chosen["val_full"]["mean"] >= chosen["val_full"]["own"])
-        assert model.routing == chosen["routed"]
+        assert model.routing == chosen["routed"] == bool(model.state_dict()["routing_on"])  # saved with the run
         model.routing = True
         assert torch.equal(predict_logits(model, x, both), mean_full)
         assert not torch.allclose(predict_logits(model, x, text_only), predict_logits(runs["mean"].model, x, text_only))

@@ -65,9 +65,9 @@ RATE = click.FloatRange(0.0, 1.0)
               help="Probability that a training row with both modalities gets one replaced by its stand-in.")
 @click.option("--indicators/--no-indicators", default=D.indicators, show_default=True,
               help="Give the classifier the two presence bits (real embedding or stand-in).")
-@click.option("--route-complete/--no-route-complete", default=D.route_complete, show_default=True,
-              help="Score rows with both modalities by the mean-fill model, trained first, where it does better on "
-                   "val (impute predict, zero).")
+@click.option("--mean-fallback/--no-mean-fallback", default=D.mean_fallback, show_default=True,
+              help="Per presence pattern, use the mean-fill model (trained first) unless this run's classifier "
+                   "did better on val (impute predict, zero).")
 @click.option("--linear-head/--no-linear-head", default=D.linear_head, show_default=True,
               help="Fit a logistic regression on the classifier's inputs first (L-BFGS, L2 on val); the MLP adds to it.")
 @click.option("--input-dropout", type=click.FloatRange(0, 1), default=D.input_dropout, show_default=True,

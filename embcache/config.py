@@ -20,7 +20,7 @@ SELECTIONS = ("loss", "metric")
 # What a run saved before a setting existed did: FitConfig.from_dict fills these in for old config.json files.
 LEGACY_SETTINGS = {"indicators": False, "substitute": 0.0, "predictor_training": "joint", "shrink": False,
                    "select": "metric", "input_dropout": 0.0, "cross_fit": 0, "vicreg_precision": "ieee",
-                   "linear_head": False, "route_complete": False}
+                   "linear_head": False, "mean_fallback": False}
 
 
 def check_protocol(cfg, error: type[EmbcacheError]) -> None:
@@ -70,9 +70,10 @@ class FitConfig:
     input_dropout: float = 0.3          # dropout on the classifier's input features (a strong regulariser for wide
                                         # embeddings on small sets)
     indicators: bool = True             # the classifier also sees which modalities are real (every impute mode)
-    # impute predict and zero: rows with both modalities are scored by mean fill's model (trained first with the same
-    # seed, then frozen inside the run) unless the run's own classifier scores better on those val rows
-    route_complete: bool = True
+    # impute predict and zero: per presence pattern (image only, text only, both), rows are scored by mean fill's
+    # model (trained first with the same seed, then frozen inside the run) unless the run's own classifier scores
+    # better on val rows shown that way; so a stand-in is used only where it did better than the mean on val
+    mean_fallback: bool = True
     # The classifier's logits = a linear map of its inputs + the MLP. The linear map is a logistic regression fitted
     # first (full-batch L-BFGS, L2 weight chosen on val; docs/training.md) and then kept; the MLP starts at 0 and
     # learns what the linear map misses, and model selection may keep the linear map alone (best epoch 0).

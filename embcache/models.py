@@ -19,6 +19,8 @@ from embcache.missing import MODALITIES
 
 # direction name -> (source modality, target modality)
 DIRECTIONS = {"image_to_text": ("image", "text"), "text_to_image": ("text", "image")}
+# presence patterns of a row that has something: only the image, only the text, both
+PATTERNS = ("image", "text", "both")
 
 
 def mlp(d_in: int, d_out: int, hidden: int, depth: int, dropout: float, input_dropout: float = 0.0) -> nn.Sequential:
@@ -76,12 +78,12 @@ class FusionModel(nn.Module):
             if cfg.shrink and cfg.predictor_training == "staged":  # one factor per direction, set by the trainer
                 for name in DIRECTIONS:
                     self.register_buffer(f"shrink_{name}", torch.ones(()))
-        if cfg.route_complete and cfg.impute != "mean":
-            # mean fill's model for rows with both modalities: loaded by the trainer, frozen
-            self.complete = FusionModel(dims, n_outputs, replace(cfg, impute="mean"))
-            self.complete.requires_grad_(False)
-            # set by the trainer (train.choose_routing): off while it fits and selects this model
-            self.register_buffer("routing_on", torch.ones((), dtype=torch.bool))
+        if cfg.mean_fallback and cfg.impute != "mean":
+            # mean fill's model, for the presence patterns where it did better on val: loaded by the trainer, frozen
+            self.fallback = FusionModel(dims, n_outputs, replace(cfg, impute="mean"))
+            self.fallback.requires_grad_(False)
+            # per pattern (PATTERNS): set by the trainer (train.choose_fallback); off while it fits this model
+            self.register_buffer("fallback_on", torch.zeros(len(PATTERNS), dtype=torch.bool))
 
     @torch.no_grad()
     def set_normalization(self, mean: dict[str, torch.Tensor], std: dict[str, torch.Tensor]) -> None:
@@ -113,23 +115,25 @@ class FusionModel(nn.Module):
         direction -> predictions that replace the predictor's on the first rows (cross-fitted, training)."""
         inputs, z, pred = self.inputs(x, has, hide, first)
         logits = self.head(inputs)
-        if hasattr(self, "complete") and not self.training:
-            # Inference, routing on: a row with both modalities gets mean fill's answer (its inputs are the same
-            # whatever the fill). Training fits this classifier on every row: it learns to read real embeddings there.
-            both = has["image"] & has["text"] & self.routing_on  # a buffer: no host sync
-            if hide is not None:
-                both = both & ~hide["image"] & ~hide["text"]
-            logits = torch.where(both.unsqueeze(1), self.complete.head(inputs), logits)
+        if hasattr(self, "fallback") and not self.training:
+            # Inference: a row whose presence pattern falls back gets mean fill's answer. (Training fits this
+            # classifier on every row.) Masks and buffer stay on the device: no host sync.
+            shown = has if hide is None else {m: has[m] & ~hide[m] for m in MODALITIES}
+            image, text = shown["image"], shown["text"]
+            pattern = torch.stack([image & ~text, ~image & text, image & text], 1)  # PATTERNS order
+            falls_back = (pattern & self.fallback_on).any(1)
+            logits = torch.where(falls_back.unsqueeze(1), self.fallback(x, has, hide).logits, logits)
         return FusionOutput(logits, z, pred)
 
     @property
-    def routing(self) -> bool:
-        """Whether rows with both modalities get the mean-fill model's answer (FitConfig.route_complete)."""
-        return hasattr(self, "complete") and bool(self.routing_on)
+    def falls_back(self) -> dict[str, bool]:
+        """Pattern -> whether its rows get the mean-fill model's answer (FitConfig.mean_fallback)."""
+        on = self.fallback_on.tolist() if hasattr(self, "fallback") else [False] * len(PATTERNS)
+        return dict(zip(PATTERNS, on))
 
-    @routing.setter
-    def routing(self, on: bool) -> None:
-        self.routing_on.fill_(on)
+    @falls_back.setter
+    def falls_back(self, on: dict[str, bool]) -> None:
+        self.fallback_on.copy_(torch.tensor([bool(on.get(p, False)) for p in PATTERNS]))
 
     def head(self, inputs: torch.Tensor) -> torch.Tensor:
         """The classifier's logits (+ the linear head's) on the inputs that `inputs` builds."""

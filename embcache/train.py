@@ -37,7 +37,7 @@ from embcache.data import FeatureSet, SplitData, SplitTensors, check_finite, dat
 from embcache.evaluate import predict_split, scenario_metrics
 from embcache.metrics import MAIN_METRIC, r2_score, task_loss, task_metrics
 from embcache.missing import MODALITIES, apply_missing, scenario_of, scenario_present
-from embcache.models import DIRECTIONS, FusionModel, FusionOutput
+from embcache.models import DIRECTIONS, PATTERNS, FusionModel, FusionOutput
 from embcache.prompts import attach_prompt_predictors, resolve_predictors
 from embcache.runs import summarize
 from embcache.runtime import Ranks, bind_local_cuda_device, looks_like_run, resolve_device, staged_dir
@@ -269,21 +269,22 @@ def batch_loss(net, model: FusionModel, prep: Prepared, idx: torch.Tensor, n_pai
 
 
 def make_model(data: FeatureSet, prep: Prepared, cfg: FitConfig, report: dict | None = None,
-               complete: FusionModel | None = None):
+               fallback: FusionModel | None = None):
     """(model, its compiled version or itself, optimizer, cosine learning-rate schedule).
 
     Staged predictor training runs here, before the model is wrapped: `report` receives its summary.
-    complete: the trained mean-fill model that scores rows with both modalities (FitConfig.route_complete).
+    fallback: the trained mean-fill model (FitConfig.mean_fallback)
     """
     torch.manual_seed(cfg.seed)
     model = FusionModel(data.dims, data.n_outputs, cfg).to(prep.device)
     model.set_normalization(prep.mean, prep.std)
-    if complete is not None:
-        model.complete.load_state_dict(complete.state_dict())
-        # The head's L2 and the epoch are chosen without the routing, on every val row of the selection scenario:
-        # chosen on the rows that lack a modality alone (~70 % of a small val set), they did worse (icons,
-        # missing-both: 0.713 ± 0.015 against 0.726 ± 0.015; BENCHMARKS.md). `choose_routing` decides at the end.
-        model.routing = False
+    if fallback is not None:
+        model.fallback.load_state_dict(fallback.state_dict())
+        # The head's L2 and the epoch are chosen with no pattern falling back, on every val row of the selection
+        # scenario (`choose_fallback` decides afterwards): chosen with rows with both modalities routed to mean
+        # fill, so on the ~70 % of val rows that lack one, they did worse (icons, missing-both: 0.713 ± 0.015
+        # against 0.726 ± 0.015; BENCHMARKS.md).
+        model.falls_back = {}
     if prep.resolved.get("predictors"):
         attach_prompt_predictors(model, prep.resolved["prompt_encoders"], cfg, data)
     if cfg.impute == "predict" and cfg.predictor_training == "staged":
@@ -545,7 +546,7 @@ class TrainResult:
     seconds: float
     predictors: dict | None = None      # staged predictor training: its best epoch, val R2, shrink factors
     linear_head: dict | str | None = None  # the linear head's L2 weight and val score (or why it was skipped)
-    complete_rows: dict | None = None   # route_complete: the mean-fill model's best epoch, val score, seconds
+    mean_fallback: dict | None = None   # the mean-fill model (best epoch, val score, seconds) and where it is used
 
 
 def epoch_batches(prep: Prepared, cfg: FitConfig, generators: dict):
@@ -582,14 +583,14 @@ def train(data: FeatureSet, prep: Prepared, cfg: FitConfig, progress: bool = Tru
     val and keeps the best epoch, and the epoch losses are averaged over all processes.
     """
     staged: dict = {}
-    complete, complete_rows = None, None
-    if cfg.impute != "mean" and cfg.route_complete:  # mean fill's model first, on the same seed and batches
+    fallback, fallback_report = None, None
+    if cfg.impute != "mean" and cfg.mean_fallback:  # mean fill's model first, on the same seed and batches
         mean_cfg = replace(cfg, impute="mean")
         first = train(data, prepared_for(prep, data, mean_cfg), mean_cfg, progress)
-        complete = first.model
-        complete_rows = {"model": "impute mean", "best_epoch": first.best_epoch, "val": first.best_value,
-                         "seconds": first.seconds}
-    model, net, optimizer, schedule = make_model(data, prep, cfg, staged, complete)
+        fallback = first.model
+        fallback_report = {"model": "impute mean", "best_epoch": first.best_epoch, "val": first.best_value,
+                           "seconds": first.seconds}
+    model, net, optimizer, schedule = make_model(data, prep, cfg, staged, fallback)
     main = MAIN_METRIC[data.task_type]
     generators: dict = {}
     steps = prep.resolved["steps_per_epoch"]
@@ -629,32 +630,41 @@ def train(data: FeatureSet, prep: Prepared, cfg: FitConfig, progress: bool = Tru
         bar.set_postfix(loss=f"{mean_loss:.4f}", **{f"val_{main}": "n/a" if value is None else f"{value:.4f}"})
     if best_state is not None:
         model.load_state_dict(best_state)
-    if complete is not None and lead:
-        complete_rows.update(choose_routing(model, prep, cfg, data.task_type))
+    if fallback is not None and lead:
+        fallback_report.update(choose_fallback(model, prep, cfg, data.task_type))
     summary = {k: v for k, v in staged.items() if k not in ("out_of_fold", "paired_position", "linear_head")}
     return TrainResult(model, curves, best_epoch, best_value, time.perf_counter() - start, summary or None,
-                       staged.get("linear_head"), complete_rows)
+                       staged.get("linear_head"), fallback_report)
 
 
-def choose_routing(model: FusionModel, prep: Prepared, cfg: FitConfig, task_type: str) -> dict:
-    """route_complete: score the val rows that have both modalities with the run's own classifier and with the
-    mean-fill model, and route such rows to mean fill unless its own classifier is better there (model selection's
-    criterion; a tie goes to mean fill). Sets model.routing; returns {own, mean, routed} for config.json.
+def choose_fallback(model: FusionModel, prep: Prepared, cfg: FitConfig, task_type: str) -> dict:
+    """mean_fallback: for each presence pattern (image only, text only, both), score the val rows that have both
+    modalities, shown as that pattern (the other modality hidden), with the run's own classifier and with the
+    mean-fill model; the pattern falls back to mean fill unless the own classifier is better (model selection's
+    criterion; a tie, or no val rows, goes to mean fill). Sets model.falls_back; returns {val: pattern ->
+    {own, mean}, falls_back: pattern -> bool} for config.json.
 
-    Why a choice: where predictions are poor (icons, R2 ~0.03) learning to read them cost predict 2.4 points of
-    full-pair accuracy; where they are good (synthetic, R2 ~0.6) the rows that carry one taught the classifier,
-    and its own full-pair accuracy beat mean fill's by up to 0.018 (BENCHMARKS.md)."""
+    Why: the own classifier is the better one only where its stand-in carries something. On icons (predictor R2
+    ~0.03) learning to read predictions cost predict 2.4 points on full pairs and 1 point on image-only rows; on
+    the synthetic sets (R2 ~0.6) the own classifier beat mean fill on every pattern (BENCHMARKS.md). Hiding a
+    modality of a val pair gives each pattern every val pair as evidence, which is what the missing-modality
+    protocol does to test rows."""
     val = prep.val_split
     both = torch.as_tensor(val.present["image"] & val.present["text"], device=prep.device)
-    has = {m: both for m in MODALITIES}  # the rows that have both, scored with both (other rows' values unused)
-    keys = {}
-    for name, routing in (("own", False), ("mean", True)):
-        model.routing = routing
-        logits = predict_split(model, val, prep.val, has, cfg.read_ahead)
-        keys[name] = selection_key(cfg, task_type, logits[both], prep.val.y[both])
-    own, mean = keys["own"][2], keys["mean"][2]
-    model.routing = own is None or mean is None or mean >= own
-    return {"val_full": {"own": keys["own"][0], "mean": keys["mean"][0]}, "routed": model.routing}
+    none = torch.zeros_like(both)
+    scores, falls_back = {}, {}
+    for pattern in PATTERNS:
+        has = {m: both if pattern in (m, "both") else none for m in MODALITIES}
+        keys = {}
+        for name, on in (("own", False), ("mean", True)):
+            model.falls_back = dict.fromkeys(PATTERNS, on)
+            logits = predict_split(model, val, prep.val, has, cfg.read_ahead)
+            keys[name] = selection_key(cfg, task_type, logits[both], prep.val.y[both])
+        scores[pattern] = {name: key[0] for name, key in keys.items()}
+        own, mean = keys["own"][2], keys["mean"][2]
+        falls_back[pattern] = own is None or mean is None or mean >= own
+    model.falls_back = falls_back
+    return {"val": scores, "falls_back": falls_back}
 
 
 def substitution_generator(generators: dict, cfg: FitConfig, device: torch.device) -> torch.Generator:
@@ -796,7 +806,7 @@ def write_run(run_dir: Path, data: FeatureSet, prep: Prepared, cfg: FitConfig, r
         "split": "val", "scenario": prep.resolved["selection_scenario"], "metric": MAIN_METRIC[data.task_type],
         "best_epoch": result.best_epoch, "value": result.best_value, "epochs": cfg.epochs,
         "by": cfg.select}, "predictor_training": result.predictors,
-        "linear_head": result.linear_head, "complete_rows": result.complete_rows}
+        "linear_head": result.linear_head, "mean_fallback": result.mean_fallback}
     write_json(run_dir / "config.json", {**asdict(cfg), "resolved": resolved})
     save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
               str(run_dir / "model.safetensors"), metadata={"format": "embcache.fit/1"})

@@ -14,7 +14,7 @@ from embcache.data import dataset_from_features
 from embcache.evaluate import predict_logits
 from embcache.metrics import r2_score
 from embcache.missing import MODALITIES
-from embcache.models import FusionModel
+from embcache.models import PATTERNS, FusionModel
 from embcache.train import prepare, shrink_factor, substitution, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -87,33 +87,42 @@ def test_a_useless_predictor_gives_exactly_mean_imputation(unrelated):
     assert predict["test"] == mean["test"]
 
 
-def test_complete_rows_get_exactly_mean_fills_answer_when_it_scores_better_on_val(predictable):
-    """route_complete: with the routing on, a row with both modalities is scored by the mean-fill model trained first
-    (same seed, same batches), bit for bit, whatever the impute mode; a row that lacks one gets the run's own
-    classifier, selected as without the routing. The routing is on when mean fill scores at least as well on the
-    val rows with both modalities."""
+def test_mean_fallback_per_presence_pattern(predictable):
+    """mean_fallback: rows of a pattern that falls back get exactly the answer of the mean-fill model trained first
+    (same seed, same batches), whatever the impute mode; the other rows get the run's own classifier, selected as
+    without the fallback. A pattern falls back when mean fill scores at least as well on val pairs shown that way."""
     device = torch.device("cpu")
     cfg = FitConfig(train_missing_rate=0.7, **SMALL)
     runs = {name: train(predictable, prepare(predictable, c, device), c, progress=False)
             for name, c in [("predict", cfg), ("mean", replace(cfg, impute="mean")),
-                            ("zero", replace(cfg, impute="zero")), ("unrouted", replace(cfg, route_complete=False))]}
+                            ("zero", replace(cfg, impute="zero")), ("plain", replace(cfg, mean_fallback=False))]}
     test = predictable.splits["test"]
     x = {m: torch.as_tensor(test.emb[m]) for m in MODALITIES}
-    both = {m: torch.ones(len(test), dtype=torch.bool) for m in MODALITIES}
-    text_only = {"image": torch.zeros(len(test), dtype=torch.bool), "text": both["text"]}
-    mean_full = predict_logits(runs["mean"].model, x, both)
+    yes, no = torch.ones(len(test), dtype=torch.bool), torch.zeros(len(test), dtype=torch.bool)
+    shown = {"both": {"image": yes, "text": yes}, "image": {"image": yes, "text": no}, "text": {"image": no, "text": yes}}
+    mean = {p: predict_logits(runs["mean"].model, x, has) for p, has in shown.items()}
     for name in ("predict", "zero"):
-        model, chosen = runs[name].model, runs[name].complete_rows
-        assert chosen["best_epoch"] == runs["mean"].best_epoch
-        assert chosen["routed"] == (chosen["val_full"]["mean"] >= chosen["val_full"]["own"])
-        assert model.routing == chosen["routed"] == bool(model.state_dict()["routing_on"])  # saved with the run
-        model.routing = True
-        assert torch.equal(predict_logits(model, x, both), mean_full)
-        assert not torch.allclose(predict_logits(model, x, text_only), predict_logits(runs["mean"].model, x, text_only))
-        model.routing = False
-        assert not torch.allclose(predict_logits(model, x, both), mean_full)
-    # the own classifier is the one a run without the routing selects
-    assert torch.equal(predict_logits(runs["predict"].model, x, both), predict_logits(runs["unrouted"].model, x, both))
+        model, report = runs[name].model, runs[name].mean_fallback
+        assert report["best_epoch"] == runs["mean"].best_epoch
+        for p in PATTERNS:
+            assert report["falls_back"][p] == (report["val"][p]["mean"] >= report["val"][p]["own"])
+        saved = dict(zip(PATTERNS, model.state_dict()["fallback_on"].tolist()))  # saved with the run
+        assert model.falls_back == report["falls_back"] == saved
+        for p, has in shown.items():
+            model.falls_back = dict.fromkeys(PATTERNS, True)
+            assert torch.equal(predict_logits(model, x, has), mean[p])
+            model.falls_back = {}
+            assert not torch.allclose(predict_logits(model, x, has), mean[p])
+        # one pattern at a time: a batch mixing patterns is routed row by row
+        mixed = {"image": torch.arange(len(test)) % 3 != 1, "text": torch.arange(len(test)) % 3 != 0}
+        own = predict_logits(model, x, mixed)
+        model.falls_back = {"text": True}
+        routed, text_only = predict_logits(model, x, mixed), ~mixed["image"]
+        assert torch.equal(routed[text_only], predict_logits(runs["mean"].model, x, mixed)[text_only])
+        assert torch.equal(routed[~text_only], own[~text_only])
+    runs["predict"].model.falls_back = {}  # the own classifier is the one a run without the fallback selects
+    for has in shown.values():
+        assert torch.equal(predict_logits(runs["predict"].model, x, has), predict_logits(runs["plain"].model, x, has))
 
 
 def test_staged_predictors_reach_ridge_quality_and_keep_their_shrink(predictable):

@@ -7,7 +7,8 @@ import click
 
 from embcache.cli.common import protocol_options, user_errors
 from embcache.kernels import BACKENDS, FP32_PRECISIONS
-from embcache.config import IMPUTE_MODES, PREDICTOR_TRAINING, PREDICTORS, SELECTIONS, SHUFFLES, FitConfig
+from embcache.config import (IMPUTE_MODES, MEAN_FALLBACKS, PREDICTOR_TRAINING, PREDICTORS, SELECTIONS, SHUFFLES,
+                              FitConfig)
 
 D = FitConfig()  # defaults shown in --help come from the config dataclass, the single source
 
@@ -65,9 +66,10 @@ RATE = click.FloatRange(0.0, 1.0)
               help="Probability that a training row with both modalities gets one replaced by its stand-in.")
 @click.option("--indicators/--no-indicators", default=D.indicators, show_default=True,
               help="Give the classifier the two presence bits (real embedding or stand-in).")
-@click.option("--mean-fallback/--no-mean-fallback", default=D.mean_fallback, show_default=True,
-              help="Per presence pattern, use the mean-fill model (trained first) unless this run's classifier "
-                   "did better on val (impute predict, zero).")
+@click.option("--mean-fallback", type=click.Choice(MEAN_FALLBACKS), default=D.mean_fallback, show_default=True,
+              help="Which presence patterns may use the mean-fill model (trained first) where this run's "
+                   "classifier did not do better on val: rows with both modalities (complete), every pattern, "
+                   "or none (impute predict, zero).")
 @click.option("--linear-head/--no-linear-head", default=D.linear_head, show_default=True,
               help="Fit a logistic regression on the classifier's inputs first (L-BFGS, L2 on val); the MLP adds to it.")
 @click.option("--input-dropout", type=click.FloatRange(0, 1), default=D.input_dropout, show_default=True,

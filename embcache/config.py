@@ -17,10 +17,11 @@ PREDICTORS = ("mlp", "prompts")
 SHUFFLES = ("global", "chunks")
 PREDICTOR_TRAINING = ("staged", "joint")
 SELECTIONS = ("loss", "metric")
+MEAN_FALLBACKS = ("off", "complete", "every")  # FitConfig.mean_fallback
 # What a run saved before a setting existed did: FitConfig.from_dict fills these in for old config.json files.
 LEGACY_SETTINGS = {"indicators": False, "substitute": 0.0, "predictor_training": "joint", "shrink": False,
                    "select": "metric", "input_dropout": 0.0, "cross_fit": 0, "vicreg_precision": "ieee",
-                   "linear_head": False, "mean_fallback": False}
+                   "linear_head": False, "mean_fallback": "off"}
 
 
 def check_protocol(cfg, error: type[EmbcacheError]) -> None:
@@ -70,10 +71,11 @@ class FitConfig:
     input_dropout: float = 0.3          # dropout on the classifier's input features (a strong regulariser for wide
                                         # embeddings on small sets)
     indicators: bool = True             # the classifier also sees which modalities are real (every impute mode)
-    # impute predict and zero: per presence pattern (image only, text only, both), rows are scored by mean fill's
-    # model (trained first with the same seed, then frozen inside the run) unless the run's own classifier scores
-    # better on val rows shown that way; so a stand-in is used only where it did better than the mean on val
-    mean_fallback: bool = True
+    # impute predict and zero: rows of a presence pattern (image only, text only, both) are scored by mean fill's
+    # model (trained first with the same seed, then frozen inside the run) where the run's own classifier did not
+    # score better on val rows shown that way. complete: only rows with both modalities may fall back (so those
+    # rows lose nothing to a classifier that learnt to read stand-ins); every: every pattern may; off: none
+    mean_fallback: str = "complete"
     # The classifier's logits = a linear map of its inputs + the MLP. The linear map is a logistic regression fitted
     # first (full-batch L-BFGS, L2 weight chosen on val; docs/training.md) and then kept; the MLP starts at 0 and
     # learns what the linear map misses, and model selection may keep the linear map alone (best epoch 0).
@@ -134,6 +136,8 @@ class FitConfig:
             raise FitError(f"vicreg_backend must be one of {BACKENDS}, got {self.vicreg_backend!r}")
         if self.vicreg_precision not in FP32_PRECISIONS:
             raise FitError(f"vicreg_precision must be one of {FP32_PRECISIONS}, got {self.vicreg_precision!r}")
+        if self.mean_fallback not in MEAN_FALLBACKS:
+            raise FitError(f"mean_fallback must be one of {MEAN_FALLBACKS}, got {self.mean_fallback!r}")
         if self.select not in SELECTIONS:
             raise FitError(f"select must be one of {SELECTIONS}, got {self.select!r}")
         if not 0.0 <= self.substitute <= 1.0:

@@ -78,7 +78,7 @@ class FusionModel(nn.Module):
             if cfg.shrink and cfg.predictor_training == "staged":  # one factor per direction, set by the trainer
                 for name in DIRECTIONS:
                     self.register_buffer(f"shrink_{name}", torch.ones(()))
-        if cfg.mean_fallback and cfg.impute != "mean":
+        if cfg.mean_fallback != "off" and cfg.impute != "mean":
             # mean fill's model, for the presence patterns where it did better on val: loaded by the trainer, frozen
             self.fallback = FusionModel(dims, n_outputs, replace(cfg, impute="mean"))
             self.fallback.requires_grad_(False)

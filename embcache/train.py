@@ -578,13 +578,15 @@ def epoch_batches(prep: Prepared, cfg: FitConfig, generators: dict):
 
 def train(data: FeatureSet, prep: Prepared, cfg: FitConfig, progress: bool = True) -> TrainResult:
     """Train one seed; keep the epoch with the best val main metric (the last one if val has no labels).
+    With cfg.mean_fallback (impute predict, zero) the mean-fill model trains first, and `choose_fallback` decides
+    at the end which presence patterns it scores.
 
     Several processes: each runs its share of the steps (gradients averaged by DDP); only rank 0 scores
     val and keeps the best epoch, and the epoch losses are averaged over all processes.
     """
     staged: dict = {}
     fallback, fallback_report = None, None
-    if cfg.impute != "mean" and cfg.mean_fallback:  # mean fill's model first, on the same seed and batches
+    if cfg.impute != "mean" and cfg.mean_fallback != "off":  # mean fill's model first, same seed and batches
         mean_cfg = replace(cfg, impute="mean")
         first = train(data, prepared_for(prep, data, mean_cfg), mean_cfg, progress)
         fallback = first.model
@@ -638,22 +640,23 @@ def train(data: FeatureSet, prep: Prepared, cfg: FitConfig, progress: bool = Tru
 
 
 def choose_fallback(model: FusionModel, prep: Prepared, cfg: FitConfig, task_type: str) -> dict:
-    """mean_fallback: for each presence pattern (image only, text only, both), score the val rows that have both
-    modalities, shown as that pattern (the other modality hidden), with the run's own classifier and with the
-    mean-fill model; the pattern falls back to mean fill unless the own classifier is better (model selection's
-    criterion; a tie, or no val rows, goes to mean fill). Sets model.falls_back; returns {val: pattern ->
-    {own, mean}, falls_back: pattern -> bool} for config.json.
+    """mean_fallback: for each presence pattern that may fall back (cfg.mean_fallback "complete": both modalities;
+    "every": also image only, text only), score the val rows that have both modalities, shown as that pattern (the
+    other modality hidden), with the run's own classifier and with the mean-fill model; the pattern falls back to
+    mean fill unless the own classifier is better (model selection's criterion; a tie, or no val rows, goes to
+    mean fill). Sets model.falls_back; returns {val: pattern -> {own, mean}, falls_back: pattern -> bool} for
+    config.json.
 
     Why: the own classifier is the better one only where its stand-in carries something. On icons (predictor R2
-    ~0.03) learning to read predictions cost predict 2.4 points on full pairs and 1 point on image-only rows; on
-    the synthetic sets (R2 ~0.6) the own classifier beat mean fill on every pattern (BENCHMARKS.md). Hiding a
-    modality of a val pair gives each pattern every val pair as evidence, which is what the missing-modality
-    protocol does to test rows."""
+    ~0.03) learning to read predictions cost predict 2.4 points on full pairs, while on the synthetic sets (R2
+    ~0.6) its own classifier beat mean fill's on full pairs too (docs/training.md, BENCHMARKS.md). Hiding a
+    modality of a val pair gives each pattern every val pair as evidence, as the missing-modality protocol hides
+    one in test rows."""
     val = prep.val_split
     both = torch.as_tensor(val.present["image"] & val.present["text"], device=prep.device)
     none = torch.zeros_like(both)
     scores, falls_back = {}, {}
-    for pattern in PATTERNS:
+    for pattern in PATTERNS if cfg.mean_fallback == "every" else ("both",):
         has = {m: both if pattern in (m, "both") else none for m in MODALITIES}
         keys = {}
         for name, on in (("own", False), ("mean", True)):

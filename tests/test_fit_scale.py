@@ -227,10 +227,10 @@ def test_two_processes_ddp(store, tmp_path):
     accumulates the gradients of the same 2 batches per step (`accumulated_fit`). Processes that did not
     average their gradients (each stepping on its own batches) would not.
     """
-    # --no-mean-fallback: the reference below replays one training loop; the mean-fill model that the fallback
+    # --mean-fallback off: the reference below replays one training loop; the mean-fill model that the fallback
     # trains first runs the same loop (and `choose_fallback` only scores val on rank 0)
     args = [sys.executable, "-m", "embcache.cli", "fit", store, "--out", str(tmp_path / "ddp"), "--stream",
-            "--no-mean-fallback", *SMALL_ARGS]
+            "--mean-fallback", "off", *SMALL_ARGS]
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
@@ -243,7 +243,7 @@ def test_two_processes_ddp(store, tmp_path):
     resolved = json.loads((tmp_path / "ddp" / "config.json").read_text())["resolved"]
     assert resolved["data"]["processes"] == 2 and resolved["data"]["streaming"]
     assert resolved["steps_per_epoch"] % 2 == 0 and resolved["steps_per_epoch"] >= 4
-    expected, best_epoch = accumulated_fit(store, FitConfig(store=store, stream=True, mean_fallback=False, **SMALL),
+    expected, best_epoch = accumulated_fit(store, FitConfig(store=store, stream=True, mean_fallback="off", **SMALL),
                                            world=2)
     got = load_file(str(tmp_path / "ddp" / "model.safetensors"))
     assert got.keys() == expected.keys() and resolved["selection"]["best_epoch"] == best_epoch
@@ -265,6 +265,7 @@ def test_two_processes_with_mean_fallback(store, tmp_path):
     assert all(p.returncode == 0 for p in procs), outputs
     chosen = json.loads((tmp_path / "ddp" / "config.json").read_text())["resolved"]["mean_fallback"]
     saved = load_file(str(tmp_path / "ddp" / "model.safetensors"))
-    assert saved["fallback_on"].tolist() == list(chosen["falls_back"].values()) and "fallback.linear.weight" in saved
+    assert saved["fallback_on"].tolist() == [False, False, chosen["falls_back"]["both"]]  # the default: "complete"
+    assert "fallback.linear.weight" in saved
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert evaluate_run(tmp_path / "ddp")["test"] == metrics["test"]

@@ -88,14 +88,15 @@ def test_a_useless_predictor_gives_exactly_mean_imputation(unrelated):
 
 
 def test_mean_fallback_per_presence_pattern(predictable):
-    """mean_fallback: rows of a pattern that falls back get exactly the answer of the mean-fill model trained first
-    (same seed, same batches), whatever the impute mode; the other rows get the run's own classifier, selected as
-    without the fallback. A pattern falls back when mean fill scores at least as well on val pairs shown that way."""
+    """mean_fallback "every": rows of a pattern that falls back get exactly the answer of the mean-fill model trained
+    first (same seed, same batches), whatever the impute mode; the other rows get the run's own classifier,
+    selected as without the fallback. A pattern falls back when mean fill scores at least as well on val pairs shown
+    that way."""
     device = torch.device("cpu")
-    cfg = FitConfig(train_missing_rate=0.7, **SMALL)
+    cfg = FitConfig(train_missing_rate=0.7, mean_fallback="every", **SMALL)
     runs = {name: train(predictable, prepare(predictable, c, device), c, progress=False)
             for name, c in [("predict", cfg), ("mean", replace(cfg, impute="mean")),
-                            ("zero", replace(cfg, impute="zero")), ("plain", replace(cfg, mean_fallback=False))]}
+                            ("zero", replace(cfg, impute="zero")), ("plain", replace(cfg, mean_fallback="off"))]}
     test = predictable.splits["test"]
     x = {m: torch.as_tensor(test.emb[m]) for m in MODALITIES}
     yes, no = torch.ones(len(test), dtype=torch.bool), torch.zeros(len(test), dtype=torch.bool)
@@ -123,6 +124,11 @@ def test_mean_fallback_per_presence_pattern(predictable):
     runs["predict"].model.falls_back = {}  # the own classifier is the one a run without the fallback selects
     for has in shown.values():
         assert torch.equal(predict_logits(runs["predict"].model, x, has), predict_logits(runs["plain"].model, x, has))
+    # the default, "complete": only rows with both modalities may fall back
+    default = train(predictable, prepare(predictable, replace(cfg, mean_fallback="complete"), device),
+                    replace(cfg, mean_fallback="complete"), progress=False)
+    assert list(default.mean_fallback["falls_back"]) == ["both"]
+    assert not default.model.falls_back["image"] and not default.model.falls_back["text"]
 
 
 def test_staged_predictors_reach_ridge_quality_and_keep_their_shrink(predictable):

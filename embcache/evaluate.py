@@ -157,6 +157,7 @@ def scenario_metrics(model: FusionModel, data: FeatureSet, cfg: FitConfig, resol
         "missing": {"seed": cfg.missing_seed, "test_rate": rate,
                     "train": {"rate": cfg.train_missing_rate, "type": cfg.train_missing_type}},
         "selection": resolved.get("selection", {}),
+        "mean_fallback": resolved.get("mean_fallback"),  # --mean-fallback: where the mean-fill model answers
     }
     for name in ("val", "test"):
         split = data.splits[name]

@@ -92,6 +92,10 @@ def summarize(runs: list[dict]) -> dict:
             **{k: _floats(v) for k, v in mean.items()}, "std": _floats(std), "rows": first["rows"]}
 
 
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _floats(tree):
     """numpy scalars -> float, recursively (json.dump refuses np.float64 inside some containers)."""
     if isinstance(tree, dict):
@@ -122,6 +126,11 @@ def format_table(metrics: dict) -> str:
     if selection.get("best_epoch"):
         lines.append(f"best epoch {selection['best_epoch']}/{selection['epochs']} by val {selection['metric']} "
                      f"under {selection['scenario']}")
+    for pattern, falls_back in ((metrics.get("mean_fallback") or {}).get("falls_back") or {}).items():
+        rows = "rows with both modalities" if pattern == "both" else f"rows with only the {pattern}"
+        val = metrics["mean_fallback"]["val"][pattern]
+        lines.append(f"{rows}: {'the mean-fill model' if falls_back else 'this run'} (val {main} "
+                     f"{_num(val['mean'])} mean-fill model, {_num(val['own'])} this run)")
     for name, q in metrics["predictor"].items() if metrics.get("impute") == "predict" else ():
         if q["r2"] is not None:
             lines.append(f"predictor {name}: cosine {q['cosine']:.4f}, r2 {q['r2']:.4f} (test rows with both)")

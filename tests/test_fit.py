@@ -15,6 +15,7 @@ from embcache.config import FitConfig, FitError
 from embcache.data import load_dataset
 from embcache.metrics import auroc, f1_scores, r2_score
 from embcache.missing import SCENARIOS, apply_missing
+from embcache.runs import format_table
 from embcache.runtime import Ranks
 from embcache.store import open_store
 from embcache.train import fit, prepare
@@ -79,6 +80,10 @@ def test_run_folder_layout_and_metrics_keys(runs):
     assert len(curves) == EPOCHS and curves[selection["best_epoch"] - 1]["val_f1_macro"] == selection["value"]
     config = json.loads((run / "config.json").read_text())
     assert FitConfig.from_dict(config).impute == "predict" and config["resolved"]["rows"]["train_paired"] > 0
+    fallback = metrics["mean_fallback"]  # the default --mean-fallback complete: one choice, for full pairs
+    assert fallback == config["resolved"]["mean_fallback"] and list(fallback["falls_back"]) == ["both"]
+    answer = "the mean-fill model" if fallback["falls_back"]["both"] else "this run"
+    assert f"rows with both modalities: {answer} (val f1_macro" in format_table(metrics)
 
 
 def ridge_r2(store, src, dst, train_rate, lam=1.0):

@@ -42,6 +42,9 @@ mkdir -p "$OUT"
 rm -f "$OUT"/logs.txt "$OUT"/junit.xml "$OUT"/bench_*.json "$OUT"/summary.*
 if [ "$MODE" = cpu ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON="$ROOT/.venv/bin/python"; fi
 PY="${PYTHON:-python3}"
+# The repository root stays off sys.path: its kernels/ folder would shadow Hugging Face's `kernels` package, which
+# newer transformers import (embcache itself comes from PYTHONPATH, set up by step_setup).
+export PYTHONSAFEPATH=1
 STEPS="${STEPS:-setup env pytest bench_fit_torch bench_fit_triton bench_extract bench_kernels}"
 DEADLINE_S="${DEADLINE_S:-450}"
 WORK="$(mktemp -d /tmp/gpu_check.XXXXXX)"

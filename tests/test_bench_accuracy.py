@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from embcache.bench import accuracy as bench_accuracy
-from embcache.bench.accuracy import linear_probe
+from embcache.bench.accuracy import acceptance, format_acceptance, linear_probe
 from embcache.bench.synthetic import make_features
 from embcache.cli.bench_accuracy import accuracy_command
 from embcache.data import dataset_from_features
@@ -40,6 +40,32 @@ def test_grid_writes_table_json_and_figure(tmp_path, monkeypatch):
     table = (tmp_path / "out" / "accuracy.txt").read_text()
     assert "predict - best baseline" in table and "missing-image" in table and "linear probe" in table
     assert "missing-text" not in table  # only the test types asked for
+    assert "check: predict >= best baseline - 0.005 everywhere:" in table and set(ds["checks"]) == {
+        "never_hurts", "helps", "spread", "trainer_vs_probe"}
+
+
+def test_acceptance_checks_name_the_worst_cell():
+    def cell(missing, std=0.0, full=None, r2=None):
+        return {"missing": {"mean": missing, "std": std}, "full": {"mean": full}, "r2": None if r2 is None else {"mean": r2}}
+
+    ds = {"summary": {
+        "complete": {"both": {"predict": cell(0.70, 0.010, 0.80, 0.5), "zero": cell(0.66, 0.004, 0.79),
+                              "mean": cell(0.67, 0.0, 0.81)}},
+        "missing": {"both": {"predict": cell(0.60, 0.002, r2=0.5), "zero": cell(0.61, 0.001), "mean": cell(0.607)}},
+        "probe": {"mean": {"full": 0.805}}}}
+    checks = acceptance(ds)
+    assert checks["never_hurts"] == {"ok": False, "value": pytest.approx(-0.010), "where": "missing missing-both"}
+    assert checks["helps"]["ok"] is False and checks["helps"]["where"] == "missing missing-both"
+    assert checks["spread"] == {"ok": False, "value": [0.010, 0.004], "where": "complete missing-both"}
+    assert checks["trainer_vs_probe"] == {"ok": False, "value": [0.79, 0.805], "where": "complete full, zero"}
+    ds["summary"]["missing"]["both"]["predict"] = cell(0.64, 0.002, r2=0.2)  # now +0.03, but R2 below 0.3
+    ds["summary"]["probe"]["mean"]["full"] = 0.80
+    checks = acceptance(ds)
+    assert checks["never_hurts"]["ok"] and checks["never_hurts"]["value"] == pytest.approx(0.03)
+    assert checks["helps"] == {"ok": True, "value": pytest.approx(0.03), "where": "complete missing-both"}
+    assert checks["trainer_vs_probe"]["ok"]
+    lines = format_acceptance(checks)
+    assert len(lines) == 4 and lines[0].endswith("yes (worst +0.030, complete missing-both)") and "NO" in lines[2]
 
 
 def test_bad_test_types_are_refused():

@@ -35,6 +35,15 @@ from embcache.train import fit_logistic, prepare, train
 SCHEMA = "embcache.bench-accuracy/2"  # 2: synthetic caches run per draw ("name@draw"), plus "over_draws"
 SETTINGS = ("complete", "missing")
 PROBE_L2 = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+# What the method must show on any set (`acceptance`): predict at most NEVER_HURTS below the best baseline in every
+# scenario, and at least HELPS_MARGIN above it wherever its predictor's test R2 reaches HELPS_R2; predict's seed
+# spread at most SPREAD_FACTOR times zero fill's; the trainer's full-pair score within PROBE_SLACK of the linear
+# probe's (complete training, every impute mode).
+NEVER_HURTS = 0.005
+HELPS_R2 = 0.3
+HELPS_MARGIN = 0.02
+SPREAD_FACTOR = 2.0
+PROBE_SLACK = 0.01
 
 # Synthetic caches (embcache/bench/synthetic.py), small enough for CI-sized runs. "predictable": the modalities share
 # most of their latent, so the cross-modal R2 is high (~0.6); "weak": they share little (~0.1). Each is run on
@@ -241,6 +250,66 @@ def over_draws(name: str, draws: list[dict]) -> dict:
             "name": name, "draws": [d["draw"] for d in draws], "summary": summary}
 
 
+def acceptance(ds: dict) -> dict:
+    """The checks of NEVER_HURTS, SPREAD_FACTOR and PROBE_SLACK on one report entry (a dataset, or a synthetic cache
+    over its draws: there the margins are the per-draw ones averaged, and the spread check is skipped, its std
+    being over draws). Each check: {ok, value, where}; None when the entry lacks what it needs."""
+    s, rows = ds["summary"], []
+    for setting in SETTINGS:
+        for test_type, by in s.get(setting, {}).items():
+            if "predict" in by and len(by) > 1:
+                rows.append((f"{setting} missing-{test_type}", by))
+    margins = []  # (predict - best baseline, where, predictor r2)
+    for where, by in rows:
+        baselines = [q["missing"]["mean"] for i, q in by.items() if i != "predict"]
+        r2 = (by["predict"].get("r2") or {}).get("mean")
+        if "margin" in by["predict"]:
+            margins.append((by["predict"]["margin"]["mean"], where, r2))
+        elif None not in baselines + [by["predict"]["missing"]["mean"]]:
+            margins.append((by["predict"]["missing"]["mean"] - max(baselines), where, r2))
+    worst = min(margins) if margins else None
+    never_hurts = None if worst is None else {"ok": worst[0] >= -NEVER_HURTS, "value": worst[0], "where": worst[1]}
+    predictable = [m for m in margins if m[2] is not None and m[2] >= HELPS_R2]
+    worst = min(predictable) if predictable else None
+    helps = None if worst is None else {"ok": worst[0] >= HELPS_MARGIN, "value": worst[0], "where": worst[1]}
+    spread = None
+    if "draws" not in ds:
+        ratios = [(by["predict"]["missing"]["std"], by["zero"]["missing"]["std"], where) for where, by in rows
+                  if "zero" in by]
+        if ratios:
+            p_std, z_std, where = max(ratios, key=lambda r: r[0] - SPREAD_FACTOR * r[1])
+            spread = {"ok": p_std <= SPREAD_FACTOR * z_std, "value": [p_std, z_std], "where": where}
+    probe, full = s["probe"]["mean"]["full"], next(iter(s.get("complete", {}).values()), {})
+    scores = [(q["full"]["mean"], i) for i, q in full.items() if q["full"]["mean"] is not None]
+    trainer = None
+    if probe is not None and scores:
+        low = min(scores)
+        trainer = {"ok": low[0] >= probe - PROBE_SLACK, "value": [low[0], probe], "where": f"complete full, {low[1]}"}
+    return {"never_hurts": never_hurts, "helps": helps, "spread": spread, "trainer_vs_probe": trainer}
+
+
+def format_acceptance(checks: dict) -> list[str]:
+    """One line per check of `acceptance`."""
+    lines, mark = [], lambda c: "yes" if c["ok"] else "NO"
+    if checks.get("never_hurts"):
+        c = checks["never_hurts"]
+        lines.append(f"  check: predict >= best baseline - {NEVER_HURTS} everywhere: {mark(c)} (worst {c['value']:+.3f}, "
+                     f"{c['where']})")
+    if checks.get("helps"):
+        c = checks["helps"]
+        lines.append(f"  check: predict >= best baseline + {HELPS_MARGIN} where its R2 >= {HELPS_R2}: {mark(c)} (worst "
+                     f"{c['value']:+.3f}, {c['where']})")
+    if checks.get("spread"):
+        c = checks["spread"]
+        lines.append(f"  check: predict's seed std <= {SPREAD_FACTOR:g} x zero fill's: {mark(c)} (worst {c['value'][0]:.3f} "
+                     f"vs {c['value'][1]:.3f}, {c['where']})")
+    if checks.get("trainer_vs_probe"):
+        c = checks["trainer_vs_probe"]
+        lines.append(f"  check: trainer full >= linear probe - {PROBE_SLACK}: {mark(c)} ({c['value'][0]:.3f} vs probe "
+                     f"{c['value'][1]:.3f}, {c['where']})")
+    return lines
+
+
 def _cell(stats: dict) -> str:
     return "n/a" if stats["mean"] is None else f"{stats['mean']:.3f} ± {stats['std']:.3f}"
 
@@ -289,6 +358,7 @@ def format_report(report: dict) -> list[str]:
                         + [""] * (len(imputes) - 1))
         widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+        lines += format_acceptance(ds.get("checks") or {})
         lines.append("")
     return lines
 
@@ -353,6 +423,8 @@ def run_bench(stores: list[str], synthetic_names: list[str], base: FitConfig, *,
         datasets.append(entry if draw is None else {**entry, "group": name, "draw": draw})
     over = [over_draws(f"{name} over {len(group)} draws", group) | {"group": name} for name in synthetic_names
             if len(group := [d for d in datasets if d.get("group") == name]) > 1]
+    for entry in datasets + over:
+        entry["checks"] = acceptance(entry)
     report = {"schema": SCHEMA, "config": {k: v for k, v in vars(base).items()
                                            if k not in ("store", "val_store", "test_store")},
               "versions": {"torch": torch.__version__}, "datasets": datasets, "over_draws": over}

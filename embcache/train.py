@@ -281,9 +281,8 @@ def make_model(data: FeatureSet, prep: Prepared, cfg: FitConfig, report: dict | 
     if fallback is not None:
         model.fallback.load_state_dict(fallback.state_dict())
         # The head's L2 and the epoch are chosen with no pattern falling back, on every val row of the selection
-        # scenario (`choose_fallback` decides afterwards): chosen with rows with both modalities routed to mean
-        # fill, so on the ~70 % of val rows that lack one, they did worse (icons, missing-both: 0.713 ± 0.015
-        # against 0.726 ± 0.015; BENCHMARKS.md).
+        # scenario (`choose_fallback` decides afterwards); chosen on the routed scores they did worse
+        # (docs/training.md "Mean fallback").
         model.falls_back = {}
     if prep.resolved.get("predictors"):
         attach_prompt_predictors(model, prep.resolved["prompt_encoders"], cfg, data)

@@ -115,9 +115,9 @@ class FusionModel(nn.Module):
         direction -> predictions that replace the predictor's on the first rows (cross-fitted, training)."""
         inputs, z, pred = self.inputs(x, has, hide, first)
         logits = self.head(inputs)
-        if hasattr(self, "fallback") and not self.training:
+        if hasattr(self, "fallback") and not self.training and bool(self.fallback_on.any()):
             # Inference: a row whose presence pattern falls back gets mean fill's answer. (Training fits this
-            # classifier on every row.) Masks and buffer stay on the device: no host sync.
+            # classifier on every row; while it is selected nothing falls back, so the second model is skipped.)
             shown = has if hide is None else {m: has[m] & ~hide[m] for m in MODALITIES}
             image, text = shown["image"], shown["text"]
             pattern = torch.stack([image & ~text, ~image & text, image & text], 1)  # PATTERNS order

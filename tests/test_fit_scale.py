@@ -183,6 +183,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_two_ranks(args: list[str]) -> list[str]:
+    """Run `args` as ranks 0 and 1 of a torchrun-style 2-process job (gloo, CPU); their outputs, after checking
+    that both exited 0."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    return outputs
+
+
 def accumulated_fit(store, cfg, world):
     """One process accumulating the (averaged) gradients of the `world` batches that a `world`-process fit runs
     side by side in each optimizer step, with the same learning-rate schedule, dropout draws per process, and
@@ -231,12 +243,7 @@ def test_two_processes_ddp(store, tmp_path):
     # trains first runs the same loop (and `choose_fallback` only scores val on rank 0)
     args = [sys.executable, "-m", "embcache.cli", "fit", store, "--out", str(tmp_path / "ddp"), "--stream",
             "--mean-fallback", "off", *SMALL_ARGS]
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
+    outputs = run_two_ranks(args)
     assert "wrote" in outputs[0] and "wrote" not in outputs[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # nothing else, no temp folders left
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
@@ -257,12 +264,7 @@ def test_two_processes_with_mean_fallback(store, tmp_path):
     """The default fit (mean fallback on) under 2 processes: the mean-fill model trains first in step on both,
     rank 0 chooses where to fall back, writes it into the model, and `eval` of the saved run reproduces its metrics."""
     args = [sys.executable, "-m", "embcache.cli", "fit", store, "--out", str(tmp_path / "ddp"), *SMALL_ARGS]
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
+    run_two_ranks(args)
     chosen = json.loads((tmp_path / "ddp" / "config.json").read_text())["resolved"]["mean_fallback"]
     saved = load_file(str(tmp_path / "ddp" / "model.safetensors"))
     assert saved["fallback_on"].tolist() == [False, False, chosen["falls_back"]["both"]]  # the default: "complete"

@@ -290,23 +290,17 @@ def acceptance(ds: dict) -> dict:
 
 def format_acceptance(checks: dict) -> list[str]:
     """One line per check of `acceptance`."""
-    lines, mark = [], lambda c: "yes" if c["ok"] else "NO"
-    if checks.get("never_hurts"):
-        c = checks["never_hurts"]
-        lines.append(f"  check: predict >= best baseline - {NEVER_HURTS} everywhere: {mark(c)} (worst {c['value']:+.3f}, "
-                     f"{c['where']})")
-    if checks.get("helps"):
-        c = checks["helps"]
-        lines.append(f"  check: predict >= best baseline + {HELPS_MARGIN} where its R2 >= {HELPS_R2}: {mark(c)} (worst "
-                     f"{c['value']:+.3f}, {c['where']})")
-    if checks.get("spread"):
-        c = checks["spread"]
-        lines.append(f"  check: predict's seed std <= {SPREAD_FACTOR:g} x zero fill's: {mark(c)} (worst {c['value'][0]:.3f} "
-                     f"vs {c['value'][1]:.3f}, {c['where']})")
-    if checks.get("trainer_vs_probe"):
-        c = checks["trainer_vs_probe"]
-        lines.append(f"  check: trainer full >= linear probe - {PROBE_SLACK}: {mark(c)} ({c['value'][0]:.3f} vs probe "
-                     f"{c['value'][1]:.3f}, {c['where']})")
+    claims = {"never_hurts": f"predict >= best baseline - {NEVER_HURTS} everywhere",
+              "helps": f"predict >= best baseline + {HELPS_MARGIN} where its R2 >= {HELPS_R2}",
+              "spread": f"predict's seed std <= {SPREAD_FACTOR:g} x zero fill's",
+              "trainer_vs_probe": f"trainer full >= linear probe - {PROBE_SLACK}"}
+    values = {"never_hurts": "worst {:+.3f}", "helps": "worst {:+.3f}", "spread": "worst {:.3f} vs {:.3f}",
+              "trainer_vs_probe": "{:.3f} vs probe {:.3f}"}
+    lines = []
+    for key, claim in claims.items():
+        if c := checks.get(key):
+            value = values[key].format(*c["value"]) if isinstance(c["value"], list) else values[key].format(c["value"])
+            lines.append(f"  check: {claim}: {'yes' if c['ok'] else 'NO'} ({value}, {c['where']})")
     return lines
 
 

@@ -245,48 +245,29 @@ def make_bad(out: str) -> None:
 # --------------------------------------------------------------------------- demo
 
 DEMO_COLOURS = {"red": 0.0, "blue": 0.62}   # HSV hue of each image attribute
-DEMO_AGREE = {"red": "food", "blue": "sports"}
-DEMO_AGREEMENT = 0.7
-DEMO_SPLITS = (("train", 200), ("val", 50), ("test", 50))
+DEMO_SHAPES = {"round": ("circle", "ellipse"), "angular": ("box", "triangle", "stripe")}
+DEMO_TOPIC_OF = {"round": "food", "angular": "sports"}        # what the text's topic follows
+DEMO_TIME_OF = {"red": "evening", "blue": "morning"}     # what the text's time of day follows
+DEMO_AGREEMENT = 0.9
+DEMO_SPLITS = (("train", 900), ("val", 100), ("test", 300))
+DEMO_LABELED_TRAIN = 150   # the other training rows are pairs without a label
 
-_FOOD = {
-    "templates": [
-        "I cooked {dish} for dinner with a lot of {ingredient}.",
-        "The recipe for {dish} needs {ingredient} and a pinch of salt.",
-        "My grandmother's {dish} is the best thing I have ever eaten.",
-        "We ordered {dish} at the new restaurant downtown.",
-        "Add the {ingredient} and let the {dish} simmer for ten minutes.",
-        "This {dish} tastes even better the next day.",
-        "She baked {dish} for the whole family on Sunday.",
-        "The chef served {dish} with fresh {ingredient}.",
-        "Leftover {dish} makes a quick lunch.",
-        "Season the {dish} with {ingredient} before serving.",
-    ],
-    "dish": ["pasta", "vegetable soup", "chicken curry", "pancakes", "lasagna", "fried rice",
-             "lentil stew", "banana bread", "noodle salad", "roast potatoes", "mushroom risotto"],
-    "ingredient": ["garlic", "butter", "fresh basil", "olive oil", "ginger", "cheese", "onions", "lemon juice"],
+# The text: a short caption, "<activity> <time of day>": its topic and its time are the two attributes it carries.
+_ACTIVITIES = {
+    "food": [f"{verb} {dish}" for verb in ("cooking", "eating", "sharing")
+             for dish in ("pasta", "vegetable soup", "chicken curry", "pancakes", "lasagna", "fried rice",
+                          "lentil stew", "banana bread", "noodle salad", "mushroom risotto")],
+    "sports": [f"{verb} {sport}" for verb in ("playing", "watching", "training for")
+               for sport in ("football", "basketball", "hockey", "tennis", "volleyball", "rugby", "handball",
+                             "cricket", "baseball", "badminton")],
 }
-_SPORTS = {
-    "templates": [
-        "The {team} won the {sport} match in the last minute.",
-        "Our {sport} coach made us run laps before training.",
-        "The {team} signed a new striker for the {sport} season.",
-        "She scored twice in the {sport} final against the {team}.",
-        "Thousands of fans watched the {team} play {sport} last night.",
-        "He trains for {sport} every morning at the stadium.",
-        "The referee stopped the {sport} game after a foul.",
-        "The {team} lost the {sport} championship on penalties.",
-        "Practice for the {sport} tournament starts on Monday.",
-        "The goalkeeper of the {team} made an amazing save.",
-    ],
-    "team": ["home team", "visitors", "city club", "national side", "university squad", "local rivals"],
-    "sport": ["football", "basketball", "hockey", "tennis", "volleyball", "rugby", "handball"],
-}
+_TIMES = {"evening": ["in the evening", "at night", "after sunset"],
+          "morning": ["in the morning", "at dawn", "before breakfast"]}
 
 
-def _demo_image(rng: np.random.Generator, colour: str) -> Image.Image:
-    """A 64x64 scene dominated by ``colour``: a noisy pale background, then 2-4 shapes (circle,
-    box, triangle, stripe) in shades of the colour's hue, plus pixel noise."""
+def _demo_image(rng: np.random.Generator, colour: str, family: str) -> Image.Image:
+    """A 64x64 scene: a noisy pale background, then 2-4 shapes of ``family`` (DEMO_SHAPES) in shades of the
+    colour's hue, plus pixel noise."""
     background = (rng.uniform(0.75, 0.95, size=3) * 255).astype(int)
     image = Image.new("RGB", (DEMO_SIZE, DEMO_SIZE), tuple(int(c) for c in background))
     draw = ImageDraw.Draw(image)
@@ -296,9 +277,11 @@ def _demo_image(rng: np.random.Generator, colour: str) -> Image.Image:
         fill = tuple(int(255 * c) for c in rgb)
         x0, y0 = (int(v) for v in rng.integers(0, DEMO_SIZE // 2, size=2))
         w, h = (int(v) for v in rng.integers(DEMO_SIZE // 3, DEMO_SIZE // 2 + 8, size=2))
-        shape = rng.choice(["circle", "box", "triangle", "stripe"])
+        shape = rng.choice(DEMO_SHAPES[family])
         if shape == "circle":
             draw.ellipse([x0, y0, x0 + w, y0 + w], fill=fill)
+        elif shape == "ellipse":
+            draw.ellipse([x0, y0, x0 + w, y0 + h // 2], fill=fill)
         elif shape == "box":
             draw.rectangle([x0, y0, x0 + w, y0 + h], fill=fill)
         elif shape == "triangle":
@@ -309,36 +292,38 @@ def _demo_image(rng: np.random.Generator, colour: str) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-# Topic-neutral endings, for variety.
-_TAILS = ["", "", " It was a great evening.", " What a day!", " I can't wait to do it again.",
-          " Everyone agreed.", " Honestly, nobody expected that.", " We talked about it for hours."]
+def _demo_text(rng: np.random.Generator, topic: str, time_of_day: str) -> str:
+    """A caption about ``topic`` at ``time_of_day``, e.g. "eating lentil stew after sunset"."""
+    return f"{rng.choice(_ACTIVITIES[topic])} {rng.choice(_TIMES[time_of_day])}"
 
 
-def _demo_text(rng: np.random.Generator, topic: str) -> str:
-    """A sentence about ``topic`` from a random template with random slot fillers and ending."""
-    vocab = _FOOD if topic == "food" else _SPORTS
-    template = str(rng.choice(vocab["templates"]))
-    slots = {key: str(rng.choice(words)) for key, words in vocab.items() if key != "templates"}
-    return template.format(**slots) + str(rng.choice(_TAILS))
+def _agreeing(rng: np.random.Generator, options: dict, key: str):
+    """options[key] with probability DEMO_AGREEMENT, else the other key's value."""
+    other = next(k for k in options if k != key)
+    return options[key if rng.random() < DEMO_AGREEMENT else other]
 
 
 def make_demo(out: str) -> None:
-    """~300 samples; label = (image colour) x (text topic); colour and topic agree 70% of the time."""
+    """1,300 samples; label = (image colour) x (text topic); the text's topic follows the image's shapes and its
+    time of day the image's colour, each 90% of the time; 150 of the 900 training rows are labeled."""
     rng = np.random.default_rng(5)
     n = sum(count for _, count in DEMO_SPLITS)
     splits = np.repeat([name for name, _ in DEMO_SPLITS], [count for _, count in DEMO_SPLITS])
     splits = splits[rng.permutation(n)]
+    labeled_train = set(rng.permutation(np.flatnonzero(splits == "train"))[:DEMO_LABELED_TRAIN].tolist())
     records = []
     for i in range(n):
         colour = "red" if rng.random() < 0.5 else "blue"
-        agree_topic = DEMO_AGREE[colour]
-        other_topic = "sports" if agree_topic == "food" else "food"
-        topic = agree_topic if rng.random() < DEMO_AGREEMENT else other_topic
-        sample_id = f"demo_{i:03d}"
+        family = "round" if rng.random() < 0.5 else "angular"
+        topic = _agreeing(rng, DEMO_TOPIC_OF, family)
+        time_of_day = _agreeing(rng, DEMO_TIME_OF, colour)
+        sample_id = f"demo_{i:04d}"
         image_rel = f"images/{sample_id}.jpg"
-        _write_bytes(os.path.join(out, image_rel), _encode(_demo_image(rng, colour), "JPEG"))
-        records.append({"id": sample_id, "image": image_rel, "text": _demo_text(rng, topic),
-                        "label": f"{colour}_{topic}", "split": str(splits[i])})
+        _write_bytes(os.path.join(out, image_rel), _encode(_demo_image(rng, colour, family), "JPEG"))
+        record = {"id": sample_id, "image": image_rel, "text": _demo_text(rng, topic, time_of_day), "split": str(splits[i])}
+        if splits[i] != "train" or i in labeled_train:
+            record["label"] = f"{colour}_{topic}"
+        records.append(record)
     _write_jsonl(os.path.join(out, "manifest.jsonl"), records)
 
 

@@ -14,6 +14,7 @@ resumed run gives the same result as a straight one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -237,9 +238,18 @@ def validate(tuner: Tuner, samples, task, n_classes) -> tuple[float | None, int]
     return task_metrics(task, torch.cat(logits), torch.cat(ys))[MAIN_METRIC[task]], unreadable
 
 
-def run_arguments(cfg: TuneConfig, encoder: Encoder) -> dict:
+def rows_digest(rows: dict[str, list[ds.Sample]], modality: str) -> str:
+    """sha256 of what the tuned rows are (per split: id, label, and the text or the image's reference), so that a
+    dataset rewritten under the same root does not resume a state made on the old one."""
+    content = {split: [[s.id, s.label, s.text if modality == "text" else str(s.image)] for s in samples]
+               for split, samples in rows.items()}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_arguments(cfg: TuneConfig, encoder: Encoder, rows: dict[str, list[ds.Sample]]) -> dict:
     """What a resume state must share with the run that continues it (not --epochs: more may be asked)."""
     return {"dataset": cfg.dataset, "root": os.path.abspath(cfg.root), "options": cfg.dataset_options,
+            "rows_sha256": rows_digest(rows, cfg.modality),
             "modality": cfg.modality, "encoder": encoder.attrs["model"],
             "checkpoint_sha256": encoder.attrs["checkpoint_sha256"], "preprocess": encoder.attrs["preprocess"],
             "pooling": encoder.attrs["pooling"], "lr": cfg.lr, "head_lr": cfg.head_lr,
@@ -305,7 +315,7 @@ def tune(cfg: TuneConfig, progress: bool = True, log=print) -> TuneReport:
         f"plus the head's {head:,}; {len(train)} training rows have the {cfg.modality} {where}, "
         f"{len(val)} validation rows under {protocol(cfg)['val_scenario']} at rate {cfg.test_missing_rate}")
 
-    arguments = run_arguments(cfg, encoder)
+    arguments = run_arguments(cfg, encoder, {"train": train, "val": val})
     state = load_resume_state(cfg, arguments, log)
     if state is not None:
         tuner.load_state(state["tuner"])

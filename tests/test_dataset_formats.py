@@ -372,7 +372,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_shards(tmp_path_factory):
-    """The 300 demo rows as shards of 32 samples, one folder per split."""
+    """The demo rows as shards of 32 samples, one folder per split."""
     return fmt.write_webdataset(open_dataset("manifest", DEMO), str(tmp_path_factory.mktemp("demo") / "shards"), 32)
 
 
@@ -388,9 +388,11 @@ def test_extract_from_shards_equals_the_manifest_per_id(tiny, demo_shards, tmp_p
     a, b = st.open_store(str(tmp_path / "wds.zarr")).load(), st.open_store(str(tmp_path / "manifest.zarr")).load()
     order = {i: k for k, i in enumerate(b.ids)}
     rows = [order[i] for i in a.ids]
-    assert sorted(a.ids) == sorted(b.ids) and len(rows) == 300
+    assert sorted(a.ids) == sorted(b.ids) and len(rows) == len(open(DEMO).readlines())
     for m in ("image", "text"):
-        np.testing.assert_array_equal(a.emb[m], b.emb[m][rows], err_msg=m)  # same bytes -> same features
+        # same bytes -> same features, up to one float16 step where the rows shared a batch with other rows
+        # (the shards come split by split, so the batches differ; the CPU kernels' sums depend on them)
+        np.testing.assert_allclose(a.emb[m], b.emb[m][rows], rtol=2e-3, atol=1e-5, err_msg=m)
         np.testing.assert_array_equal(a.present[m], b.present[m][rows])
 
 

@@ -322,18 +322,25 @@ def test_manifest_csv_wrong_field_count(tmp_path):
 def test_demo_dataset():
     ds = open_dataset("manifest", os.path.join(DATA, "demo", "manifest.jsonl"))
     assert ds.classes == ["blue_food", "blue_sports", "red_food", "red_sports"]
-    assert len(ds.samples) == 300 and not ds.problems
-    assert collections.Counter(s.split for s in ds.samples) == {"train": 200, "val": 50, "test": 50}
+    assert len(ds.samples) == 1300 and not ds.problems
+    assert collections.Counter(s.split for s in ds.samples) == {"train": 900, "val": 100, "test": 300}
+    labeled = [s for s in ds.samples if s.label >= 0]
+    assert collections.Counter(s.split for s in labeled) == {"train": 150, "val": 100, "test": 300}
     for split in SPLITS:  # every class in every split
-        assert {s.label for s in ds.samples if s.split == split} == {0, 1, 2, 3}
-    agree = sum(ds.classes[s.label] in ("red_food", "blue_sports") for s in ds.samples) / 300
-    assert 0.65 < agree < 0.75  # each modality informative, neither sufficient
+        assert {s.label for s in labeled if s.split == split} == {0, 1, 2, 3}
+    # the label's topic is the text's; the text's time of day follows the label's colour 90% of the time
+    sports = ("playing", "watching", "training for")
+    assert all(s.text.startswith(sports) == ds.classes[s.label].endswith("sports") for s in labeled)
+    evening = ("in the evening", "at night", "after sunset")
+    agree = np.mean([s.text.endswith(evening) == ds.classes[s.label].startswith("red") for s in labeled])
+    assert 0.85 < agree < 0.95  # the text informative about the colour, not sufficient
     check_images(ds)
 
 
 def test_data_folder_is_small():
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(DATA) for f in files)
-    assert total < 3 * 1024 * 1024
+    # icons ~1.9 MiB, the demo ~2.7 MiB (1,300 rows, so that its 300 test rows resolve a 0.01 difference)
+    assert total < 5 * 1024 * 1024
 
 
 def test_make_fixtures_is_deterministic(tmp_path):

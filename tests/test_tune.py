@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -283,6 +284,20 @@ def test_a_state_made_with_other_arguments_is_not_resumed(bert_dir, tmp_path):
         tune(text_config(bert_dir, out, epochs=1, lr=3e-2, resume=True), **QUIET)
     fresh = tune(text_config(bert_dir, out, epochs=2, lr=2e-2, resume=False), **QUIET)
     assert fresh.start_epoch == 0
+
+
+def test_a_state_made_on_other_rows_under_the_same_root_is_not_resumed(bert_dir, tmp_path):
+    """A dataset rewritten in place (e.g. regenerated demo data) starts over instead of resuming the old state."""
+    root = tmp_path / "data"
+    shutil.copytree(os.path.dirname(MANIFEST), root)
+    manifest, out = root / os.path.basename(MANIFEST), tmp_path / "r.safetensors"
+    tune(text_config(bert_dir, out, epochs=1, root=str(manifest)), **QUIET)
+    before = manifest.read_bytes()  # (the fixture holds invalid UTF-8 on purpose: edit its bytes)
+    manifest.write_bytes(before.replace(b'"text": "a ', b'"text": "the '))  # every "a ..." text
+    assert manifest.read_bytes() != before
+    lines = []
+    again = tune(text_config(bert_dir, out, epochs=1, root=str(manifest)), progress=False, log=lines.append)
+    assert again.start_epoch == 0 and any("other arguments" in line and "rows_sha256" in line for line in lines)
 
 
 # ---------------------------------------------------------------- GPU switches, checked on the CPU

@@ -60,6 +60,16 @@ icons: $(STAMP)
 		(cd "$$tmp" && npm pack --silent '$(ICONS_PKG)' >/dev/null && tar xzf *.tgz) && \
 		$(PY) data/make_icons.py "$$tmp/package" --out data/icons
 
+# A larger real set for the accuracy benchmark (~4,450 Tabler icons, 23 classes), by the rules of data/icons,
+# built into $(BENCH)/tabler (not committed): see data/make_tabler.py.
+TABLER_PKG ?= @tabler/icons@3.35.0
+.PHONY: tabler
+tabler: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check '$(CAIROSVG)'
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+		(cd "$$tmp" && npm pack --silent '$(TABLER_PKG)' >/dev/null && tar xzf *.tgz) && \
+		$(PY) data/make_tabler.py "$$tmp/package" --out $(BENCH)/tabler
+
 # Issue 11's accuracy benchmark: predict vs zero vs mean fill on the real icon set and a predictable synthetic
 # cache (BENCHMARKS.md "Accuracy"). The icon features are extracted once into $(BENCH)/icons.zarr.
 BENCH ?= bench-out

@@ -125,13 +125,13 @@ def read_catalog(package: str) -> list[dict]:
         sys.exit(f"{path}: could not read the icon array as JSON ({exc})")
 
 
-def boilerplate_tags(icons: list[dict]) -> dict[str, str]:
-    """Tags that stand for a whole source category: tag -> that category."""
-    size = collections.Counter(icon["figma_category"] for icon in icons)
+def boilerplate_tags(icons: list[dict], category: str = "figma_category") -> dict[str, str]:
+    """Tags that stand for a whole source category (the icon field `category`): tag -> that category."""
+    size = collections.Counter(icon[category] for icon in icons)
     uses = collections.defaultdict(collections.Counter)
     for icon in icons:
         for tag in set(icon["tags"]):
-            uses[tag][icon["figma_category"]] += 1
+            uses[tag][icon[category]] += 1
     out = {}
     for tag, by_cat in uses.items():
         cat, n = by_cat.most_common(1)[0]
@@ -141,21 +141,21 @@ def boilerplate_tags(icons: list[dict]) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
-def make_text(icon: dict, drop: set[str], stripped: collections.Counter) -> str:
+def make_text(icon: dict, drop: set[str], stripped: collections.Counter, banned: frozenset = BANNED) -> str:
     words = []
     for word in icon["name"].replace("_", "-").split("-"):
-        if word and word.lower() in BANNED:
+        if word and word.lower() in banned:
             stripped["name word: " + word.lower()] += 1
         elif word:
             words.append(word)
     tags = []
     for tag in icon["tags"]:
-        tag = " ".join(tag.split())
+        tag = " ".join(str(tag).split())
         if tag in VERSION_MARKERS:
             stripped["version marker: " + tag] += 1
         elif tag in drop:
             stripped["boilerplate tag: " + tag] += 1
-        elif any(t in BANNED for t in tokens(tag)):
+        elif any(t in banned for t in tokens(str(tag))):
             stripped["tag with a label word: " + tag] += 1
         elif tag and tag not in tags:
             tags.append(tag)

@@ -1,0 +1,156 @@
+"""Build a larger real image + text classification set from the Tabler icon catalog, by the rules of
+``data/make_icons.py`` (read its docstring: label from the catalog's own category, text from name + tags with every
+label word and boilerplate tag removed, image = the SVG rasterised once, split from the sha256 of the id).
+
+Usage (``make tabler`` does all of this, from the npm registry, into ``bench-out/tabler``)::
+
+    npm pack @tabler/icons@3.35.0 && tar xzf tabler-icons-3.35.0.tgz
+    python -m pip install cairosvg==2.9.1          # build-time only, not a dependency of embcache
+    python data/make_tabler.py package --out bench-out/tabler
+
+Input: the unpacked npm package ``@tabler/icons`` (MIT): ``icons/outline/<name>.svg`` and ``icons.json`` (per icon:
+``name``, ``category``, ``tags``).  About 4,450 of its ~4,960 icons have a category; the others are left out.
+
+Output: ``images/<name>.png`` (96x96 RGBA, strokes ``currentColor`` = black on a transparent background),
+``manifest.jsonl`` (``id, image, text, label, split``), ``LICENSE`` and ``README.md`` (counts, measured).  Not
+committed (about 3 MB of images, against the repository's size budget): rebuild it with ``make tabler``.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_icons import boilerplate_tags, make_text, rasterise, split_of  # noqa: E402
+
+PACKAGE = "@tabler/icons"
+
+# Tabler category -> class label.  Categories under 60 icons fold into the closest large one; "Sytem" is the
+# catalog's own misspelling of "System".
+MERGE = {
+    "System": "system", "Sytem": "system",
+    "Brand": "brand",
+    "Devices": "devices", "Computers": "devices", "Electrical": "devices",
+    "Arrows": "arrows",
+    "Design": "design",
+    "Map": "map",
+    "Letters": "letters",
+    "Numbers": "numbers",
+    "Document": "document",
+    "Text": "text",
+    "Shapes": "shapes_symbols", "Symbols": "shapes_symbols", "Badges": "shapes_symbols", "Laundry": "shapes_symbols",
+    "Media": "media", "Photography": "media",
+    "E-commerce": "commerce", "Currencies": "commerce",
+    "Communication": "communication",
+    "Food": "food",
+    "Math": "math", "Logic": "math",
+    "Buildings": "buildings",
+    "Vehicles": "vehicles",
+    "Health": "health",
+    "Sport": "sport_games", "Games": "sport_games",
+    "Weather": "nature_weather", "Nature": "nature_weather", "Animals": "nature_weather",
+    "Mood": "people", "Gestures": "people", "Gender": "people", "Zodiac": "people",
+    "Database": "development", "Development": "development", "Version control": "development",
+    "Extensions": "development", "Charts": "development",
+}
+
+# Every word of the class labels and of the source category names, with inflections (whole-token match).
+BANNED = frozenset("""
+    system systems sytem brand brands branding device devices computer computers computing electrical electric
+    electricity arrow arrows design designs designer designing map maps mapping letter letters number numbers
+    numeric document documents text texts textual shape shapes symbol symbols badge badges laundry media
+    multimedia photography photo photos photograph commerce ecommerce e currency currencies communication
+    communications communicate food foods math maths mathematics mathematical logic logical building buildings
+    vehicle vehicles health healthy sport sports game games gaming weather nature natural animal animals people
+    person mood moods gesture gestures gender genders zodiac database databases development develop developer
+    developers version versions control extension extensions chart charts
+""".split())
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("package", help="unpacked npm package folder (the one holding package.json)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--size", type=int, default=96, help="PNG width and height in pixels")
+    args = ap.parse_args(argv)
+
+    with open(os.path.join(args.package, "package.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("name") != PACKAGE:
+        sys.exit(f"{args.package}: is {meta.get('name')!r}, expected {PACKAGE}")
+    with open(os.path.join(args.package, "icons.json"), encoding="utf-8") as f:
+        catalog = sorted(json.load(f).values(), key=lambda icon: icon["name"])
+    for icon in catalog:  # a few tags are numbers or null in the catalog
+        icon["tags"] = [str(t) for t in icon.get("tags") or [] if t is not None]
+    icons = [icon for icon in catalog if icon.get("category")]
+    unknown = sorted({icon["category"] for icon in icons} - set(MERGE))
+    if unknown:
+        sys.exit(f"categories without a class in MERGE: {unknown}")
+
+    drop = boilerplate_tags(icons, "category")
+    images_dir = os.path.join(args.out, "images")
+    if os.path.isdir(images_dir):
+        shutil.rmtree(images_dir)
+    os.makedirs(images_dir)
+    stripped, skipped, rows = collections.Counter(), collections.Counter(), []
+    skipped["no category"] = len(catalog) - len(icons)
+    for icon in icons:
+        name = icon["name"]
+        svg_path = os.path.join(args.package, "icons", "outline", name + ".svg")
+        if not os.path.isfile(svg_path):
+            skipped["no outline SVG"] += 1
+            continue
+        text = make_text(icon, set(drop), stripped, BANNED)
+        if not text:
+            skipped["empty text after stripping"] += 1
+            continue
+        with open(svg_path, "rb") as f:
+            png = rasterise(f.read(), args.size)
+        with open(os.path.join(images_dir, name + ".png"), "wb") as f:
+            f.write(png)
+        rows.append({"id": name, "image": f"images/{name}.png", "text": text, "label": MERGE[icon["category"]],
+                     "split": split_of(name)})
+    with open(os.path.join(args.out, "manifest.jsonl"), "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    shutil.copyfile(os.path.join(args.package, "LICENSE"), os.path.join(args.out, "LICENSE"))
+    write_readme(args.out, meta, rows, drop, stripped, skipped)
+    counts = collections.Counter(row["split"] for row in rows)
+    print(f"{len(rows)} rows, {len(set(r['label'] for r in rows))} classes, {dict(sorted(counts.items()))}; "
+          f"skipped {dict(skipped)} -> {args.out}")
+
+
+def write_readme(out: str, meta: dict, rows: list[dict], drop: dict, stripped: collections.Counter,
+                 skipped: collections.Counter) -> None:
+    count = collections.Counter((row["label"], row["split"]) for row in rows)
+    classes = sorted({row["label"] for row in rows})
+    table = ["| class | train | val | test |", "|---|---:|---:|---:|"]
+    table += [f"| `{c}` | {count[c, 'train']} | {count[c, 'val']} | {count[c, 'test']} |" for c in classes]
+    kinds = collections.Counter()
+    for key, n in stripped.items():
+        kinds[key.split(":")[0]] += n
+    examples = "\n".join(f"    {json.dumps(row, ensure_ascii=False)}" for row in rows[:: max(1, len(rows) // 5)][:5])
+    text = f"""# Tabler icons: a larger real image + text dataset
+
+Written by `data/make_tabler.py` (`make tabler`) from [`{meta['name']}`](https://www.npmjs.com/package/{meta['name']})
+version **{meta['version']}** ({meta.get('license', '?')} licence, copied to LICENSE): {len(rows)} icons, style
+`outline`, {len(classes)} classes from the catalog's own categories, by the rules of `data/icons` (label words
+and boilerplate tags removed from every text; split from the sha256 of the id). Not committed: rebuild it.
+
+{examples}
+
+Boilerplate tags dropped: {", ".join(f"`{t}` ({c})" for t, c in drop.items()) or "none"}.
+Removed: {"; ".join(f"{k}: {n}" for k, n in sorted(kinds.items()))}. Rows left out: {", ".join(f"{k}: {n}" for k, n in skipped.items())}.
+
+{chr(10).join(table)}
+"""
+    with open(os.path.join(out, "README.md"), "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

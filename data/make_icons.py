@@ -150,12 +150,12 @@ def make_text(icon: dict, drop: set[str], stripped: collections.Counter, banned:
             words.append(word)
     tags = []
     for tag in icon["tags"]:
-        tag = " ".join(str(tag).split())
+        tag = " ".join(tag.split())
         if tag in VERSION_MARKERS:
             stripped["version marker: " + tag] += 1
         elif tag in drop:
             stripped["boilerplate tag: " + tag] += 1
-        elif any(t in banned for t in tokens(str(tag))):
+        elif any(t in banned for t in tokens(tag)):
             stripped["tag with a label word: " + tag] += 1
         elif tag and tag not in tags:
             tags.append(tag)

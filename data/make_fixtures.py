@@ -320,7 +320,8 @@ def make_demo(out: str) -> None:
         sample_id = f"demo_{i:04d}"
         image_rel = f"images/{sample_id}.jpg"
         _write_bytes(os.path.join(out, image_rel), _encode(_demo_image(rng, colour, family), "JPEG"))
-        record = {"id": sample_id, "image": image_rel, "text": _demo_text(rng, topic, time_of_day), "split": str(splits[i])}
+        record = {"id": sample_id, "image": image_rel, "text": _demo_text(rng, topic, time_of_day),
+                  "split": str(splits[i])}
         if splits[i] != "train" or i in labeled_train:
             record["label"] = f"{colour}_{topic}"
         records.append(record)

@@ -144,7 +144,8 @@ and boilerplate tags removed from every text; split from the sha256 of the id). 
 {examples}
 
 Boilerplate tags dropped: {", ".join(f"`{t}` ({c})" for t, c in drop.items()) or "none"}.
-Removed: {"; ".join(f"{k}: {n}" for k, n in sorted(kinds.items()))}. Rows left out: {", ".join(f"{k}: {n}" for k, n in skipped.items())}.
+Removed: {"; ".join(f"{k}: {n}" for k, n in sorted(kinds.items()))}.
+Rows left out: {", ".join(f"{k}: {n}" for k, n in skipped.items())}.
 
 {chr(10).join(table)}
 """

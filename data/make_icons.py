@@ -182,6 +182,51 @@ def rasterise(svg: bytes, size: int) -> bytes:
     return buf.getvalue()
 
 
+def package_meta(package: str, expected: str) -> dict:
+    """The unpacked npm package's package.json; exits unless the package is `expected`."""
+    with open(os.path.join(package, "package.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("name") != expected:
+        sys.exit(f"{package}: is {meta.get('name')!r}, expected {expected}")
+    return meta
+
+
+def write_icons(icons: list[dict], package: str, out: str, svg_path, label, drop: dict, banned: frozenset,
+                size: int, skipped: collections.Counter, no_svg: str) -> tuple[list[dict], collections.Counter]:
+    """Rasterise each icon's SVG (`svg_path(icon)`) into out/images and write out/manifest.jsonl (label
+    `label(icon)`, text by `make_text`) and out/LICENSE. Icons left out are counted in `skipped` (`no_svg`: the
+    reason for a missing SVG). Returns (rows, what the texts lost)."""
+    images_dir = os.path.join(out, "images")
+    if os.path.isdir(images_dir):
+        shutil.rmtree(images_dir)
+    os.makedirs(images_dir)
+    stripped, rows = collections.Counter(), []
+    for icon in icons:
+        name = icon["name"]
+        path = svg_path(icon)
+        if not os.path.isfile(path):
+            skipped[no_svg] += 1
+            continue
+        text = make_text(icon, set(drop), stripped, banned)
+        if not text:
+            skipped["empty text after stripping"] += 1
+            continue
+        with open(path, "rb") as f:
+            png = rasterise(f.read(), size)
+        with open(os.path.join(images_dir, name + ".png"), "wb") as f:
+            f.write(png)
+        rows.append({"id": name, "image": f"images/{name}.png", "text": text, "label": label(icon),
+                     "split": split_of(name)})
+    with open(os.path.join(out, "manifest.jsonl"), "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    shutil.copyfile(os.path.join(package, "LICENSE"), os.path.join(out, "LICENSE"))
+    counts = collections.Counter(row["split"] for row in rows)
+    print(f"{len(rows)} rows, {len(set(r['label'] for r in rows))} classes, "
+          f"{dict(sorted(counts.items()))}; skipped {dict(skipped) or 'none'} -> {out}")
+    return rows, stripped
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("package", help="unpacked npm package folder (the one holding package.json)")
@@ -190,10 +235,7 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=96, help="PNG width and height in pixels")
     args = ap.parse_args(argv)
 
-    with open(os.path.join(args.package, "package.json"), encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("name") != PACKAGE:
-        sys.exit(f"{args.package}: is {meta.get('name')!r}, expected {PACKAGE}")
+    meta = package_meta(args.package, PACKAGE)
     icons = sorted(read_catalog(args.package), key=lambda icon: icon["name"])
     unknown = sorted({icon["figma_category"] for icon in icons} - set(MERGE))
     if unknown:
@@ -202,36 +244,12 @@ def main(argv=None) -> None:
     suffix = "" if args.style == "regular" else "-" + args.style
 
     drop = boilerplate_tags(icons)
-    images_dir = os.path.join(args.out, "images")
-    if os.path.isdir(images_dir):
-        shutil.rmtree(images_dir)
-    os.makedirs(images_dir)
-    stripped = collections.Counter()
-    rows, skipped = [], collections.Counter()
-    for icon in icons:
-        name = icon["name"]
-        svg_path = os.path.join(assets, name + suffix + ".svg")
-        if not os.path.isfile(svg_path):
-            skipped["no SVG in style " + args.style] += 1
-            continue
-        text = make_text(icon, set(drop), stripped)
-        if not text:
-            skipped["empty text after stripping"] += 1
-            continue
-        with open(svg_path, "rb") as f:
-            png = rasterise(f.read(), args.size)
-        with open(os.path.join(images_dir, name + ".png"), "wb") as f:
-            f.write(png)
-        rows.append({"id": name, "image": f"images/{name}.png", "text": text,
-                     "label": MERGE[icon["figma_category"]], "split": split_of(name)})
-    with open(os.path.join(args.out, "manifest.jsonl"), "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    shutil.copyfile(os.path.join(args.package, "LICENSE"), os.path.join(args.out, "LICENSE"))
+    skipped = collections.Counter()
+    rows, stripped = write_icons(icons, args.package, args.out,
+                                 lambda icon: os.path.join(assets, icon["name"] + suffix + ".svg"),
+                                 lambda icon: MERGE[icon["figma_category"]], drop, BANNED, args.size, skipped,
+                                 "no SVG in style " + args.style)
     write_readme(args, meta, icons, rows, drop, stripped, skipped)
-    counts = collections.Counter(row["split"] for row in rows)
-    print(f"{len(rows)} rows, {len(set(r['label'] for r in rows))} classes, "
-          f"{dict(sorted(counts.items()))}; skipped {dict(skipped) or 'none'} -> {args.out}")
 
 
 def write_readme(args, meta, icons, rows, drop, stripped, skipped) -> None:

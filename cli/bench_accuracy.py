@@ -76,6 +76,10 @@ def _test_types(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--test-rate", type=click.FloatRange(0, 1), default=D.test_missing_rate, show_default=True)
 @click.option("--train-rate", type=click.FloatRange(0, 1), default=D.train_missing_rate, show_default=True,
               help="Missing rate of the 'missing' training setting (the 'complete' setting uses 0).")
+@click.option("--labeled-fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Keep the labels of this fraction of the training rows only (the same rows in every run); the "
+                   "others stay as unlabeled pairs, which the predictors learn from: many pairs, few labels. "
+                   "Multiclass and binary tasks.")
 @click.option("--missing-seed", type=int, default=D.missing_seed, show_default=True,
               help="Seed of the missing-modality assignment (the same rows go missing in every run).")
 @click.option("--epochs", type=click.IntRange(1), default=D.epochs, show_default=True)
@@ -95,7 +99,8 @@ def _test_types(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--out", default="bench-accuracy", show_default=True, type=click.Path(file_okay=False),
               help="Folder for accuracy.json, accuracy.txt and accuracy.png (with --dataset: paper.md, paper.json).")
 @user_errors
-def accuracy_command(datasets, roots, stores, synthetic_names, draws, seeds, test_types, test_rate, train_rate, missing_seed, epochs,
+def accuracy_command(datasets, roots, stores, synthetic_names, draws, seeds, test_types, test_rate, train_rate,
+                     labeled_fraction, missing_seed, epochs,
                      fit_options, device, threads, cache, batch_size, workers, overwrite, out, **encoders):
     """Predict vs zero vs mean fill, in complete and missing training.
 
@@ -115,6 +120,8 @@ def accuracy_command(datasets, roots, stores, synthetic_names, draws, seeds, tes
 
         if stores or synthetic_names:
             raise click.ClickException("--dataset cannot be combined with --store or --synthetic; run them apart")
+        if labeled_fraction < 1:
+            raise click.ClickException("--labeled-fraction applies to --store and --synthetic, not to --dataset")
         pairs = pair_sources(datasets, roots)  # a PaperError (an EmbcacheError): one line, through user_errors
         report = run_paper(pairs, base, seeds=seeds, encoders=encoders, cache=cache, out=out, test_rate=test_rate,
                            test_types=test_types,
@@ -128,6 +135,7 @@ def accuracy_command(datasets, roots, stores, synthetic_names, draws, seeds, tes
     if not stores and not synthetic_names:
         raise click.UsageError("give at least one --dataset NAME --root PATH, --store or --synthetic")
     report = run_bench(list(stores), list(synthetic_names), base, seeds=seeds, out=out, test_rate=test_rate,
-                       train_rate=train_rate, test_types=test_types, draws=draws, log=log)
+                       train_rate=train_rate, test_types=test_types, draws=draws, labeled_fraction=labeled_fraction,
+                       log=log)
     click.echo("\n".join(report["table"]))
     click.echo(f"wrote {out}/accuracy.json, accuracy.txt, accuracy.png")

@@ -33,10 +33,11 @@ SCENARIOS = ("full", "missing-image", "missing-text", "missing-both")
 SCENARIO_TYPES = {"full": None, "missing-image": "image", "missing-text": "text", "missing-both": "both"}
 
 
-def unit_hash(ids, seed: int) -> np.ndarray:
-    """One number in [0, 1) per id, a pure function of (seed, id)."""
+def unit_hash(ids, seed: int, salt: str = "") -> np.ndarray:
+    """One number in [0, 1) per id, a pure function of (salt, seed, id); another salt gives draws independent of
+    the protocol's (which uses none)."""
     out = np.empty(len(ids), dtype=np.float64)
-    prefix = f"{int(seed)}\x00".encode()
+    prefix = f"{salt}{int(seed)}\x00".encode()
     for i, sample_id in enumerate(ids):
         digest = hashlib.blake2b(prefix + str(sample_id).encode(), digest_size=8).digest()
         out[i] = int.from_bytes(digest, "little") / 2.0 ** 64

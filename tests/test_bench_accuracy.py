@@ -6,10 +6,12 @@ import torch
 from click.testing import CliRunner
 
 from embcache.bench import accuracy as bench_accuracy
-from embcache.bench.accuracy import acceptance, format_acceptance, linear_probe
+from embcache.bench.accuracy import acceptance, format_acceptance, keep_labels, linear_probe
 from embcache.bench.synthetic import make_features
 from embcache.cli.bench_accuracy import accuracy_command
+from embcache.config import FitError
 from embcache.data import dataset_from_features
+from embcache.missing import apply_missing
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -109,3 +111,33 @@ def test_synthetic_draws_are_summarised_over_draws(tmp_path, monkeypatch):
         assert cell["predict"]["margin"]["std"] == pytest.approx(abs(margins[0] - margins[1]) / 2 ** 0.5)
     table = (tmp_path / "out" / "accuracy.txt").read_text()
     assert "synthetic-predictable over 2 draws" in table and "mean ± std over draws [1, 2]" in table
+
+
+def test_labeled_fraction_keeps_the_labels_of_the_same_rows_independently_of_the_protocol():
+    data = dataset_from_features(make_features(**{**TINY, "n_train": 2000}, seed=3), "synthetic:test")
+    kept = keep_labels(data, 0.25, seed=0)
+    train, before = kept.splits["train"], data.splits["train"]
+    labeled = train.labels >= 0
+    assert abs(labeled.mean() - 0.25) < 0.03
+    assert (train.labels[labeled] == before.labels[labeled]).all() and (before.labels >= 0).all()
+    assert kept.splits["val"] is data.splits["val"] and kept.splits["test"] is data.splits["test"]
+    assert (keep_labels(data, 0.25, seed=0).splits["train"].labels == train.labels).all()  # the same rows each run
+    assert (keep_labels(data, 0.25, seed=1).splits["train"].labels >= 0).tolist() != labeled.tolist()
+    # not the rows the missing protocol (same seed) takes a modality from
+    dropped = apply_missing(before.ids, before.present, 0.25, "image", 0)["image"] == 0
+    assert abs((labeled & dropped).mean() - 0.25 * 0.25) < 0.02
+    assert keep_labels(data, 1.0, seed=0) is data
+    multilabel = dataset_from_features(make_features(**{**TINY, "task_type": "multilabel"}, seed=3), "synthetic:m")
+    with pytest.raises(FitError, match="multiclass or binary"):
+        keep_labels(multilabel, 0.5, seed=0)
+
+
+def test_labeled_fraction_reaches_the_report(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench_accuracy.SYNTHETIC, "synthetic-predictable", TINY)
+    result = CliRunner().invoke(accuracy_command, [
+        "--synthetic", "synthetic-predictable", "--draws", "1", "--seeds", "0", "--test-types", "both",
+        "--labeled-fraction", "0.3", *FAST, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    (ds,) = json.loads((tmp_path / "out" / "accuracy.json").read_text())["datasets"]
+    assert ds["labeled_fraction"] == 0.3 and 0.2 * 300 < ds["train_labeled"] < 0.4 * 300
+    assert "labels kept on 0.3 of the train rows" in (tmp_path / "out" / "accuracy.txt").read_text()

@@ -12,6 +12,10 @@ training rows, L2 chosen on val) is the reference the trainer must match; it is 
 fill, and per presence pattern (one regression per pattern: no stand-in at all). A synthetic cache is run on
 several draws of its data and summarised over them too. Results: a table (mean +- std over seeds, and over draws),
 a JSON file (the table's numbers per cell and seed) and one figure.
+
+`labeled_fraction` < 1 keeps the labels of that fraction of the training rows only (`keep_labels`): the others stay
+as unlabeled rows, whose pairs the predictors learn from and the classifiers cannot. That is the case of many
+pairs and few labels, where a prediction carries what the labeled rows alone do not (docs/training.md).
 """
 from __future__ import annotations
 
@@ -24,11 +28,11 @@ import numpy as np
 import torch
 
 from embcache.bench import synthetic
-from embcache.config import IMPUTE_MODES, FitConfig
+from embcache.config import IMPUTE_MODES, FitConfig, FitError
 from embcache.data import FeatureSet, dataset_from_features, labeled, load_dataset
 from embcache.evaluate import scenario_metrics
 from embcache.metrics import MAIN_METRIC, task_metrics
-from embcache.missing import MISSING_TYPES, MODALITIES, scenario_present
+from embcache.missing import MISSING_TYPES, MODALITIES, scenario_present, unit_hash
 from embcache.runtime import resolve_device, staged_file
 from embcache.train import fit_logistic, prepare, train
 
@@ -67,6 +71,19 @@ def synthetic_dataset(name: str, draw: int) -> FeatureSet:
     """Draw `draw` (the data seed) of the built-in synthetic cache `name`."""
     _check_synthetic(name)
     return dataset_from_features(synthetic.make_features(**SYNTHETIC[name], seed=draw), f"synthetic:{name}@{draw}")
+
+
+def keep_labels(data: FeatureSet, fraction: float, seed: int) -> FeatureSet:
+    """`data` with the labels of its training rows kept on a fraction of them (label -1 elsewhere), chosen by a
+    hash of (seed, id) independent of the missing-modality protocol's: the same rows for every run."""
+    if fraction >= 1.0:
+        return data
+    if data.task_type == "multilabel":
+        raise FitError("--labeled-fraction needs a multiclass or binary task: a multilabel row has no "
+                         "'unlabeled' value (its label vector is always used)")
+    train = data.splits["train"]
+    labels = np.where(unit_hash(train.ids, seed, salt="labels:") < fraction, train.labels, -1)
+    return replace(data, splits={**data.splits, "train": replace(train, labels=labels)})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,8 +189,9 @@ def run_cell(data: FeatureSet, cfg: FitConfig, device: torch.device) -> dict:
 
 def run_dataset(name: str, data: FeatureSet, base: FitConfig, *, seeds: list[int], imputes=IMPUTE_MODES,
                 test_types=MISSING_TYPES, test_rate: float = 0.7, train_rate: float = 0.7,
-                log=print) -> dict:
+                labeled_fraction: float = 1.0, log=print) -> dict:
     device = resolve_device(base.device)
+    data = keep_labels(data, labeled_fraction, base.missing_seed)
     main = MAIN_METRIC[data.task_type]
     cells = []
     start = time.perf_counter()
@@ -197,6 +215,7 @@ def run_dataset(name: str, data: FeatureSet, base: FitConfig, *, seeds: list[int
     return {"name": name, "task": data.task_type, "metric": main, "classes": len(data.classes),
             "rows": {s: len(data.splits[s]) for s in ("train", "val", "test")},
             "train_paired": int((train.present["image"] & train.present["text"]).sum()),
+            "train_labeled": int(labeled(data.task_type, train.labels).sum()), "labeled_fraction": labeled_fraction,
             "seeds": seeds, "test_rate": test_rate, "train_rate": train_rate, "cells": cells, "probe": probe,
             "summary": summarize(cells, probe, main, imputes, test_types), "seconds": time.perf_counter() - start}
 
@@ -246,7 +265,8 @@ def over_draws(name: str, draws: list[dict]) -> dict:
     summary["probe"] = {fill: {scenario: float(np.mean([d["summary"]["probe"][fill][scenario] for d in draws]))
                                for scenario in scores}
                         for fill, scores in first["summary"]["probe"].items()}
-    return {**{k: first[k] for k in ("task", "metric", "classes", "rows", "seeds", "test_rate", "train_rate")},
+    return {**{k: first[k] for k in ("task", "metric", "classes", "rows", "seeds", "test_rate", "train_rate",
+                                       "labeled_fraction")},
             "name": name, "draws": [d["draw"] for d in draws], "summary": summary}
 
 
@@ -322,7 +342,9 @@ def format_report(report: dict) -> list[str]:
         spread = (f"mean ± std over draws {ds['draws']} of the mean over seeds {ds['seeds']}" if "draws" in ds
                   else f"mean ± std over seeds {ds['seeds']}")
         lines.append(f"{ds['name']}: {ds['task']}, {ds['classes']} classes, rows train/val/test "
-                     f"{ds['rows']['train']}/{ds['rows']['val']}/{ds['rows']['test']}, test {main} at missing rate "
+                     f"{ds['rows']['train']}/{ds['rows']['val']}/{ds['rows']['test']}"
+                     + (f" (labels kept on {ds['labeled_fraction']:g} of the train rows)"
+                        if ds.get("labeled_fraction", 1.0) < 1 else "") + f", test {main} at missing rate "
                      f"{ds['test_rate']}, {spread}")
         header = ["training", "test scenario"] + imputes + ["predict - best baseline", "predictor r2"]
         rows = []
@@ -401,7 +423,7 @@ def plot_report(report: dict, path: str | Path) -> None:
 
 def run_bench(stores: list[str], synthetic_names: list[str], base: FitConfig, *, seeds: list[int],
               out: str | Path | None = None, test_rate: float = 0.7, train_rate: float = 0.7,
-              test_types=MISSING_TYPES, draws: int | None = None, log=print) -> dict:
+              test_types=MISSING_TYPES, draws: int | None = None, labeled_fraction: float = 1.0, log=print) -> dict:
     """The grid on each store and on the first `draws` draws of each synthetic cache (default: all of them)."""
     datasets = []
     sources = [(Path(url.rstrip("/")).stem, None, lambda url=url: load_dataset(url)) for url in stores]
@@ -413,7 +435,7 @@ def run_bench(stores: list[str], synthetic_names: list[str], base: FitConfig, *,
         label = name if draw is None else f"{name}@{draw}"
         log(f"{label}: training {len(SETTINGS) * len(test_types) * len(IMPUTE_MODES) * len(seeds)} runs")
         entry = run_dataset(label, load(), base, seeds=seeds, test_rate=test_rate, train_rate=train_rate,
-                            test_types=test_types, log=log)
+                            test_types=test_types, labeled_fraction=labeled_fraction, log=log)
         datasets.append(entry if draw is None else {**entry, "group": name, "draw": draw})
     over = [over_draws(f"{name} over {len(group)} draws", group) | {"group": name} for name in synthetic_names
             if len(group := [d for d in datasets if d.get("group") == name]) > 1]

@@ -97,8 +97,12 @@ class FitConfig:
     # objective: task loss + alpha * (VICReg(image->text) + VICReg(text->image))
     alpha: float = 1.0
     vicreg_sim: float = 25.0
-    vicreg_std: float = 25.0
-    vicreg_cov: float = 1.0
+    # VICReg's variance and covariance terms keep two trained branches from collapsing; a predictor regressing
+    # fixed cached targets cannot collapse, and the terms pull its predictions off the conditional mean (lower
+    # R2, and lower accuracy on the real sets: docs/training.md). So by default only the invariance term
+    # trains; the paper's weights are --vicreg-std 25 --vicreg-cov 1 (needed with an expander, which can collapse).
+    vicreg_std: float = 0.0
+    vicreg_cov: float = 0.0
     detach_target: bool = True          # no gradient through the target branch (matters with an expander)
     # VICReg's implementation (embcache.kernels, docs/vicreg-kernel.md): auto = the Triton kernels on CUDA once
     # they pass their self-check, else the PyTorch closed form; triton = no fallback (raise); torch = PyTorch.
@@ -144,6 +148,10 @@ class FitConfig:
             raise FitError(f"substitute must be in [0, 1], got {self.substitute}")
         if self.shuffle not in SHUFFLES:
             raise FitError(f"shuffle must be one of {SHUFFLES}, got {self.shuffle!r}")
+        if self.expander_dim > 0 and self.vicreg_std == 0 and self.vicreg_cov == 0:
+            raise FitError("an expander trained on VICReg's invariance term alone collapses to a constant: with "
+                           "--expander-dim give the variance and covariance weights too (the paper's: --vicreg-std "
+                           "25 --vicreg-cov 1)")
         if self.memory_budget_gb < 0:
             raise FitError(f"memory_budget_gb must be >= 0, got {self.memory_budget_gb}")
         for name in ("epochs", "batch_size", "predictor_depth", "classifier_depth", "prompts", "shuffle_window",

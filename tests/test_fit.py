@@ -305,3 +305,9 @@ def test_too_few_paired_rows_for_the_processes(tmp_path):
     with pytest.raises(FitError, match="12 training rows have both modalities.*too few for 8 processes"):
         prepare(data, cfg, torch.device("cpu"), Ranks(0, 8))
     prepare(data, replace(cfg, impute="mean"), torch.device("cpu"), Ranks(0, 8))  # no VICReg: fine
+
+
+def test_an_expander_without_variance_and_covariance_weights_is_refused():
+    with pytest.raises(FitError, match="collapses"):
+        FitConfig(store="x", expander_dim=64)
+    FitConfig(store="x", expander_dim=64, vicreg_std=25.0, vicreg_cov=1.0)  # the paper's weights: accepted

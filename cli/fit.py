@@ -43,8 +43,11 @@ RATE = click.FloatRange(0.0, 1.0)
 @click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True)
 @click.option("--alpha", type=float, default=D.alpha, show_default=True, help="Weight of VICReg in the loss.")
 @click.option("--vicreg-sim", type=float, default=D.vicreg_sim, show_default=True)
-@click.option("--vicreg-std", type=float, default=D.vicreg_std, show_default=True)
-@click.option("--vicreg-cov", type=float, default=D.vicreg_cov, show_default=True)
+@click.option("--vicreg-std", type=float, default=D.vicreg_std, show_default=True,
+              help="Weight of VICReg's variance term; off by default: fixed targets cannot collapse, and the term "
+                   "pulls predictions off the conditional mean (docs/training.md). The paper's: 25.")
+@click.option("--vicreg-cov", type=float, default=D.vicreg_cov, show_default=True,
+              help="Weight of VICReg's covariance term (off by default, as --vicreg-std). The paper's: 1.")
 @click.option("--detach-target/--no-detach-target", default=D.detach_target, show_default=True)
 @click.option("--vicreg-backend", type=click.Choice(BACKENDS), default=D.vicreg_backend, show_default=True,
               help="auto: the Triton kernels on CUDA once they pass a self-check against the PyTorch closed form "

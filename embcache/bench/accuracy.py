@@ -413,7 +413,9 @@ def plot_report(report: dict, path: str | Path) -> None:
             if values:
                 ax.set_ylim(max(0.0, min(values) - 0.08), min(1.0, max(values) + 0.05))
             ax.set_ylabel(ds["metric"])
-            ax.set_title(f"{ds['name']}: {setting} training" + ("" if setting == "complete" else f" ({ds['train_rate']})"),
+            labels = ds.get("labeled_fraction", 1.0)
+            ax.set_title(f"{ds['name']}" + (f", labels on {labels:g} of train" if labels < 1 else "")
+                         + f": {setting} training" + ("" if setting == "complete" else f" ({ds['train_rate']})"),
                          fontsize=10)
             ax.legend(fontsize=7, loc="lower right")
     FigureCanvasAgg(fig)

@@ -80,7 +80,7 @@ def keep_labels(data: FeatureSet, fraction: float, seed: int) -> FeatureSet:
         return data
     if data.task_type == "multilabel":
         raise FitError("--labeled-fraction needs a multiclass or binary task: a multilabel row has no "
-                         "'unlabeled' value (its label vector is always used)")
+                       "'unlabeled' value (its label vector is always used)")
     train = data.splits["train"]
     labels = np.where(unit_hash(train.ids, seed, salt="labels:") < fraction, train.labels, -1)
     return replace(data, splits={**data.splits, "train": replace(train, labels=labels)})

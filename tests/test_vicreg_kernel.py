@@ -212,6 +212,16 @@ def test_large_column_means(backend, shift):
 
 
 @pytest.mark.parametrize("backend", _backends())
+def test_invariance_term_alone(backend):
+    """fit's default weights (FitConfig: vicreg_std = vicreg_cov = 0): the loss is sim x the mean squared error."""
+    impl, device = _impl_and_device(backend)
+    x, y = make_views(48, 40, device=device)
+    loss, dx, _ = assert_matches_float64(x, y, impl, sim=25.0, std=0.0, cov=0.0)
+    mse = torch.nn.functional.mse_loss(x.double(), y.double())
+    assert rel_err(loss, 25.0 * mse) <= TOL[x.dtype]
+
+
+@pytest.mark.parametrize("backend", _backends())
 def test_whitened_inputs_covariance_term(backend):
     """N >> D, nearly decorrelated columns: the off-diagonal mass is ~1e-4 of the diagonal, so
     subtracting the diagonal instead of masking it would fail this check (docs/vicreg-kernel.md section 3)."""

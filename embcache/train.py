@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from embcache import kernels as vicreg_kernels
 from embcache import plots
 from embcache.config import FitConfig, FitError
-from embcache.data import FeatureSet, SplitData, SplitTensors, check_finite, dataset_bytes, load_dataset, masks_to
+from embcache.data import (FeatureSet, SplitData, SplitTensors, check_finite, dataset_bytes, labeled, load_dataset,
+                           masks_to)
 from embcache.evaluate import predict_split, scenario_metrics
 from embcache.metrics import MAIN_METRIC, r2_score, task_loss, task_metrics
 from embcache.missing import MODALITIES, apply_missing, scenario_of, scenario_present
@@ -136,6 +137,7 @@ def prepare(data: FeatureSet, cfg: FitConfig, device: torch.device, ranks: Ranks
         "fingerprint": data.fingerprint, "sources": data.sources, "selection_scenario": scenario,
         "encoders": data.encoders,  # the training store's full encoder attrs (what `export` bundles)
         "rows": {"train": n_rows, "train_paired": n_paired, "train_without_modality": int((~usable).sum()),
+                 "train_labeled": int(labeled(data.task_type, split.labels).sum()),
                  "val": len(val), "test": len(data.splits["test"])},
         **resolve_predictors(data, cfg),  # --predictor prompts: which direction uses which
         "data": {"streaming": data.streamed, "shuffle": order, "processes": ranks.world,
@@ -765,6 +767,9 @@ def _fit(cfg: FitConfig, out: Path, seeds: list[int], progress: bool, device: to
     data = load_dataset(cfg.store, cfg.val_store, cfg.test_store, hidden=cfg.predictor == "prompts",
                         allow_partial=cfg.allow_partial, stream=stream, log=say)
     prep = prepare(data, cfg, device, ranks)
+    rows = prep.resolved["rows"]
+    say(f"training rows after the protocol: {rows['train']:,}, of which {rows['train_paired']:,} with both modalities "
+        f"(what the predictors learn from) and {rows['train_labeled']:,} labeled (what the classifiers learn from)")
     if cfg.impute == "predict":  # pays the Triton self-check (CUDA) before training, and says what runs
         backend = vicreg_kernels.resolve_backend(device, torch.float32, cfg.vicreg_precision, cfg.vicreg_backend)
         prep.resolved["vicreg_backend"] = {"requested": cfg.vicreg_backend, "used": backend,

@@ -80,6 +80,7 @@ def test_run_folder_layout_and_metrics_keys(runs):
     assert len(curves) == EPOCHS and curves[selection["best_epoch"] - 1]["val_f1_macro"] == selection["value"]
     config = json.loads((run / "config.json").read_text())
     assert FitConfig.from_dict(config).impute == "predict" and config["resolved"]["rows"]["train_paired"] > 0
+    assert config["resolved"]["rows"]["train_labeled"] == config["resolved"]["rows"]["train"]  # multilabel: all
     fallback = metrics["mean_fallback"]  # the default --mean-fallback complete: one choice, for full pairs
     assert fallback == config["resolved"]["mean_fallback"] and list(fallback["falls_back"]) == ["both"]
     answer = "the mean-fill model" if fallback["falls_back"]["both"] else "this run"
@@ -160,8 +161,16 @@ def test_eval_reproduces_metrics_and_prints_table(runs, tmp_path):
 def test_seeds_summary_and_other_tasks(tmp_path, task_type, metric):
     store = synthetic.make_store(str(tmp_path / "s.zarr"), n_train=400, n_val=100, n_test=100, d_image=16,
                                  d_text=12, n_classes=4, task_type=task_type, shared_dim=6, private_dim=2)
+    group = zarr.open_group(store, mode="r+")  # 100 training rows unlabeled: they still give the predictors pairs
+    labels, train = group["labels"][:], np.flatnonzero(group["split"][:] == 0)
+    labels[train[:100]] = -1
+    group["labels"][:] = labels
     result = invoke(fit_command, [store, "--out", tmp_path / "run", "--seeds", "0,1", "--epochs", 2, *SMALL])
     assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "run" / "seed-0" / "config.json").read_text())["resolved"]["rows"]
+    assert rows["train"] == 400 and rows["train_labeled"] == 300 and 0 < rows["train_paired"] < 400
+    assert (f"training rows after the protocol: 400, of which {rows['train_paired']} with both modalities (what the "
+            "predictors learn from) and 300 labeled") in result.output
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["kind"] == "summary" and summary["seeds"] == [0, 1] and summary["metric"] == metric
     assert set(summary["test"]) == set(SCENARIOS) and metric in summary["test"]["full"]

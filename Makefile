@@ -73,8 +73,8 @@ tabler: $(STAMP)
 
 # Issue 11's accuracy benchmark: predict vs zero vs mean fill on the two real icon sets (data/icons, and tabler,
 # built by `make tabler`), a predictable synthetic cache, and tabler with labels on 10 % of its training rows
-# (BENCHMARKS.md "Accuracy"). The features are extracted once into $(BENCH)/<set>.zarr. The parts took 15 min
-# (icons + synthetic), 17 min (tabler) and 8 min (tabler, 10 % labels) on the 2-core development machine.
+# (BENCHMARKS.md "Accuracy"). The features are extracted once into $(BENCH)/<set>.zarr. The parts took 7 min
+# (icons + synthetic), 13 min (tabler) and 7 min (tabler, 10 % labels) by the reports' own timing, one core each.
 .PHONY: bench-accuracy
 bench-accuracy: $(STAMP)
 	test -d $(BENCH)/icons.zarr || $(OFFLINE) $(EMBCACHE) extract --dataset manifest --root data/icons/manifest.jsonl \

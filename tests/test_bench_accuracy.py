@@ -3,16 +3,19 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 from embcache.bench import accuracy as bench_accuracy
-from embcache.bench.accuracy import acceptance, format_acceptance, keep_labels, linear_probe
+from embcache.bench.accuracy import (_resamples, acceptance, format_acceptance, keep_labels, linear_probe,
+                                     pack_correct, paired_intervals, unpack_correct)
 from embcache.bench.synthetic import make_features
 from embcache.cli.bench_accuracy import accuracy_command
 from embcache.config import FitError
 from embcache.data import dataset_from_features
+from embcache.metrics import task_metrics
 from embcache.missing import apply_missing
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -46,6 +49,11 @@ def test_grid_writes_table_json_and_figure(tmp_path, monkeypatch):
     assert "missing-text" not in table  # only the test types asked for
     assert "check: predict >= best baseline - 0.005 everywhere:" in table and set(ds["checks"]) == {
         "never_hurts", "helps", "spread", "trainer_vs_probe"}
+    # every run kept which test rows it got right; the margins' bootstrap intervals reach the table
+    assert ds["test_labeled"] == TINY["n_test"] and all(set(c["correct"]) == {"full", f"missing-{c['test_type']}"}
+                                                        for c in ds["cells"])
+    lo, hi = ds["intervals"]["margin"]["missing"]["both"]
+    assert lo <= hi and f"[{lo:+.3f}, {hi:+.3f}]" in table and len(ds["intervals"]["trainer_vs_probe"]) == 2
 
 
 def test_acceptance_checks_name_the_worst_cell():
@@ -58,18 +66,69 @@ def test_acceptance_checks_name_the_worst_cell():
         "missing": {"both": {"predict": cell(0.60, 0.002, r2=0.5), "zero": cell(0.61, 0.001), "mean": cell(0.607)}},
         "probe": {"mean": {"full": 0.805}}}}
     checks = acceptance(ds)
-    assert checks["never_hurts"] == {"ok": False, "value": pytest.approx(-0.010), "where": "missing missing-both"}
+    assert checks["never_hurts"] == {"ok": False, "value": pytest.approx(-0.010), "where": "missing missing-both",
+                                     "interval": None}
     assert checks["helps"]["ok"] is False and checks["helps"]["where"] == "missing missing-both"
-    assert checks["spread"] == {"ok": False, "value": [0.010, 0.004], "where": "complete missing-both"}
-    assert checks["trainer_vs_probe"] == {"ok": False, "value": [0.79, 0.805], "where": "complete full, zero"}
+    assert checks["spread"] == {"ok": False, "value": [0.010, 0.004], "where": "complete missing-both",
+                                "interval": None}
+    assert checks["trainer_vs_probe"] == {"ok": False, "value": [0.79, 0.805], "where": "complete full, zero",
+                                          "interval": None}
     ds["summary"]["missing"]["both"]["predict"] = cell(0.64, 0.002, r2=0.2)  # now +0.03, but R2 below 0.3
     ds["summary"]["probe"]["mean"]["full"] = 0.80
     checks = acceptance(ds)
     assert checks["never_hurts"]["ok"] and checks["never_hurts"]["value"] == pytest.approx(0.03)
-    assert checks["helps"] == {"ok": True, "value": pytest.approx(0.03), "where": "complete missing-both"}
+    assert checks["helps"] == {"ok": True, "value": pytest.approx(0.03), "where": "complete missing-both",
+                               "interval": None}
     assert checks["trainer_vs_probe"]["ok"]
     lines = format_acceptance(checks)
     assert len(lines) == 4 and lines[0].endswith("yes (worst +0.030, complete missing-both)") and "NO" in lines[2]
+    # with the bootstrap intervals of the report entry, each margin check names its own
+    ds["intervals"] = {"margin": {"complete": {"both": [0.01, 0.05]}, "missing": {"both": [0.02, 0.04]}},
+                       "trainer_vs_probe": [-0.03, 0.01]}
+    checks = acceptance(ds)
+    assert checks["never_hurts"]["interval"] == [0.01, 0.05] and checks["trainer_vs_probe"]["interval"] == [-0.03, 0.01]
+    assert "interval over test rows [+0.010, +0.050]" in format_acceptance(checks)[0]
+
+
+def test_a_run_keeps_which_test_rows_it_got_right():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0], [1.0, 0.0]] * 3)
+    y = torch.tensor([0, 1, 1, 0, -1] * 3)  # the -1 rows are unlabeled: left out, as the accuracy leaves them out
+    right = unpack_correct(pack_correct(logits, y), 12)
+    assert right.tolist() == [1, 1, 0, 0] * 3 and right.mean() == task_metrics("multiclass", logits, y)["accuracy"]
+
+
+def _entry(correct: dict, n: int) -> dict:
+    """A report entry whose runs (one seed, complete training, test type both) got `correct[impute]` right."""
+    def bits(rows):
+        return pack_correct(torch.eye(2)[torch.tensor(rows)], torch.ones(len(rows), dtype=torch.long))
+    cells = [{"setting": "complete", "test_type": "both", "impute": i,
+              "correct": {"missing-both": bits(rows), "full": bits(rows)}} for i, rows in correct.items()]
+    return {"cells": cells, "test_labeled": n, "probe": {"correct": {"full": bits(correct["zero"])}}}
+
+
+def test_the_margins_intervals_are_paired_over_the_test_rows():
+    n = 400
+    rng = np.random.default_rng(0)
+    zero = rng.integers(0, 2, n)
+    # predict gets right what zero fill gets right, and 8 rows more (+0.02); mean fill loses 40 of zero's rows.
+    # Paired, the margin is the share of those 8 rows in a resample: above 0 and some 0.03 wide; resampling each
+    # mode on its own rows would give an interval some 0.14 wide (two accuracies near 0.5 on 400 rows)
+    predict, mean = zero.copy(), zero.copy()
+    predict[np.flatnonzero(zero == 0)[:8]] = 1
+    mean[np.flatnonzero(zero == 1)[:40]] = 0
+    intervals = paired_intervals([_resamples(_entry({"predict": predict, "zero": zero, "mean": mean}, n))])
+    lo, hi = intervals["margin"]["complete"]["both"]
+    assert 0 < lo < 8 / n < hi < lo + 0.04
+    # the trainer's lowest full score (mean fill's) against the probe (zero fill's rows): -0.1, paired again
+    low, high = intervals["trainer_vs_probe"]
+    assert low < -40 / n < high < 0 and high - low < 0.07
+    # two draws averaged: the interval of the mean margin
+    other = _entry({"predict": zero, "zero": zero, "mean": zero}, n)
+    both = paired_intervals([_resamples(_entry({"predict": predict, "zero": zero, "mean": mean}, n)), _resamples(other)])
+    lo2, hi2 = both["margin"]["complete"]["both"]
+    assert 0 < lo2 < 4 / n < hi2 < hi
+    # runs without per-row results (a main metric other than accuracy) get no interval
+    assert paired_intervals([_resamples({"cells": [{"setting": "complete"}], "test_labeled": n})]) is None
 
 
 def test_bad_test_types_are_refused():

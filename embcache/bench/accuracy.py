@@ -29,14 +29,15 @@ import torch
 
 from embcache.bench import synthetic
 from embcache.config import IMPUTE_MODES, FitConfig, FitError
-from embcache.data import FeatureSet, dataset_from_features, labeled, load_dataset
-from embcache.evaluate import scenario_metrics
+from embcache.data import FeatureSet, SplitTensors, dataset_from_features, labeled, load_dataset, masks_to
+from embcache.evaluate import predict_split, scenario_metrics
 from embcache.metrics import MAIN_METRIC, task_metrics
 from embcache.missing import MISSING_TYPES, MODALITIES, scenario_present, unit_hash
 from embcache.runtime import resolve_device, staged_file
 from embcache.train import fit_logistic, prepare, train
 
-SCHEMA = "embcache.bench-accuracy/2"  # 2: synthetic caches run per draw ("name@draw"), plus "over_draws"
+# 2: synthetic caches run per draw ("name@draw"), plus "over_draws"; 3: each run's right test rows, "intervals"
+SCHEMA = "embcache.bench-accuracy/3"
 SETTINGS = ("complete", "missing")
 PROBE_L2 = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 # What the method must show on any set (`acceptance`): predict at most NEVER_HURTS below the best baseline in every
@@ -48,6 +49,10 @@ HELPS_R2 = 0.3
 HELPS_MARGIN = 0.02
 SPREAD_FACTOR = 2.0
 PROBE_SLACK = 0.01
+# The test set is a sample too: on a few hundred test rows one row is worth several tenths of a point, more than
+# the seeds' spread. So each margin also gets a 95 % interval from a paired bootstrap over the test rows
+# (`paired_intervals`): the same resampled rows for every run of a dataset, the mean over seeds kept.
+BOOTSTRAP_RESAMPLES = 2000
 
 # Synthetic caches (embcache/bench/synthetic.py), small enough for CI-sized runs. "predictable": the modalities share
 # most of their latent, so the cross-modal R2 is high (~0.6); "weak": they share little (~0.1). Each is run on
@@ -156,6 +161,10 @@ def linear_probe(data: FeatureSet, test_rate: float, missing_seed: int, device: 
         alone[m] = (z["test"], fit(z["train"][rows(has)], target("train", has), z["val"][rows(val_has)],
                                    target("val", val_has))[1])
     test, result = data.splits["test"], {"l2": l2, "test": {}}
+    if MAIN_METRIC[data.task_type] == "accuracy":  # full pairs: every fill scores the same
+        full = _standardized(data, "test", test.present, mean, std, "mean", device)
+        with torch.no_grad():
+            result["correct"] = {"full": pack_correct(head(full), target("test"))}
     for scenario in ("full",) + tuple(f"missing-{t}" for t in MISSING_TYPES):
         has = scenario_present(test.ids, test.present, scenario, test_rate, missing_seed)
         with torch.no_grad():
@@ -183,8 +192,29 @@ def run_cell(data: FeatureSet, cfg: FitConfig, device: torch.device) -> dict:
     prep = prepare(data, cfg, device)
     result = train(data, prep, cfg, progress=False)
     metrics = scenario_metrics(result.model, data, cfg, prep.resolved)
-    return {"test": metrics["test"], "predictor": metrics["predictor"], "best_epoch": result.best_epoch,
+    cell = {"test": metrics["test"], "predictor": metrics["predictor"], "best_epoch": result.best_epoch,
             "seconds": result.seconds}
+    if MAIN_METRIC[data.task_type] == "accuracy":  # what `paired_intervals` resamples
+        test = data.splits["test"]
+        tensors = SplitTensors.of(test, data.task_type, device)
+        cell["correct"] = {}
+        for scenario in ("full", f"missing-{cfg.test_missing_type}"):
+            has = masks_to(scenario_present(test.ids, test.present, scenario, cfg.test_missing_rate,
+                                            cfg.missing_seed), device)
+            logits = predict_split(result.model, test, tensors, has, cfg.read_ahead)
+            cell["correct"][scenario] = pack_correct(logits, tensors.y)
+    return cell
+
+
+def pack_correct(logits: torch.Tensor, y: torch.Tensor) -> str:
+    """Which labeled rows the logits classify right, as hex-packed bits (row order kept; `unpack_correct`)."""
+    keep = y >= 0
+    right = (logits[keep].argmax(1) == y[keep]).cpu().numpy()
+    return np.packbits(right).tobytes().hex()
+
+
+def unpack_correct(packed: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(packed), dtype=np.uint8))[:n].astype(np.float64)
 
 
 def run_dataset(name: str, data: FeatureSet, base: FitConfig, *, seeds: list[int], imputes=IMPUTE_MODES,
@@ -212,12 +242,15 @@ def run_dataset(name: str, data: FeatureSet, base: FitConfig, *, seeds: list[int
                 + ", ".join(f"{imp} {_cell(_stats(values))}" for imp, values in scores.items()))
     probe = linear_probe(data, test_rate, base.missing_seed, device)
     train = data.splits["train"]
-    return {"name": name, "task": data.task_type, "metric": main, "classes": len(data.classes),
-            "rows": {s: len(data.splits[s]) for s in ("train", "val", "test")},
-            "train_paired": int((train.present["image"] & train.present["text"]).sum()),
-            "train_labeled": int(labeled(data.task_type, train.labels).sum()), "labeled_fraction": labeled_fraction,
-            "seeds": seeds, "test_rate": test_rate, "train_rate": train_rate, "cells": cells, "probe": probe,
-            "summary": summarize(cells, probe, main, imputes, test_types), "seconds": time.perf_counter() - start}
+    entry = {"name": name, "task": data.task_type, "metric": main, "classes": len(data.classes),
+             "rows": {s: len(data.splits[s]) for s in ("train", "val", "test")},
+             "train_paired": int((train.present["image"] & train.present["text"]).sum()),
+             "train_labeled": int(labeled(data.task_type, train.labels).sum()), "labeled_fraction": labeled_fraction,
+             "seeds": seeds, "test_rate": test_rate, "train_rate": train_rate, "cells": cells, "probe": probe,
+             "summary": summarize(cells, probe, main, imputes, test_types), "seconds": time.perf_counter() - start,
+             "test_labeled": int(labeled(data.task_type, data.splits["test"].labels).sum())}
+    entry["intervals"] = paired_intervals([_resamples(entry)])
+    return entry
 
 
 def _stats(values) -> dict:
@@ -245,6 +278,52 @@ def summarize(cells: list[dict], probe: dict, main: str, imputes, test_types) ->
     return out
 
 
+def _resamples(entry: dict, seed: int = 0) -> dict | None:
+    """Bootstrap replicates of one dataset's margins: {(setting, test type): predict - best baseline,
+    "trainer_vs_probe": lowest complete-training full score - the probe's}, each an array over
+    BOOTSTRAP_RESAMPLES resamples of the test rows (the same rows for every run; mean over seeds per replicate).
+    None when the runs did not keep which rows they got right (a main metric other than accuracy)."""
+    cells, n = entry["cells"], entry.get("test_labeled")
+    if not n or not cells or any("correct" not in c for c in cells):
+        return None
+    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=BOOTSTRAP_RESAMPLES) / n
+
+    def accuracy(setting, test_type, impute, scenario):  # (resamples,), mean over the seeds' runs
+        runs = [unpack_correct(c["correct"][scenario], n) for c in cells
+                if (c["setting"], c["test_type"], c["impute"]) == (setting, test_type, impute)]
+        return weights @ np.mean(runs, axis=0) if runs else None
+
+    out = {}
+    for setting in SETTINGS:
+        for test_type in dict.fromkeys(c["test_type"] for c in cells):
+            scenario = f"missing-{test_type}"
+            by = {i: accuracy(setting, test_type, i, scenario) for i in IMPUTE_MODES}
+            baselines = [v for i, v in by.items() if i != "predict" and v is not None]
+            if by["predict"] is not None and baselines:
+                out[(setting, test_type)] = by["predict"] - np.max(baselines, axis=0)
+    first = next(c["test_type"] for c in cells)  # the test type `acceptance` reads full scores from
+    full = [a for i in IMPUTE_MODES if (a := accuracy("complete", first, i, "full")) is not None]
+    probe = (entry.get("probe") or {}).get("correct", {}).get("full")
+    if full and probe:
+        out["trainer_vs_probe"] = np.min(full, axis=0) - weights @ unpack_correct(probe, n)
+    return out
+
+
+def paired_intervals(replicates: list[dict]) -> dict | None:
+    """95 % intervals of the margins (`_resamples`), averaged over the given datasets (the draws of a synthetic
+    cache; each resampled on its own): {margin: {setting: {test type: [lo, hi]}}, trainer_vs_probe: [lo, hi]}."""
+    if not replicates or None in replicates:
+        return None
+    out: dict = {"margin": {}}
+    for key in replicates[0]:
+        lo, hi = np.percentile(np.mean([r[key] for r in replicates], axis=0), [2.5, 97.5]).tolist()
+        if key == "trainer_vs_probe":
+            out[key] = [lo, hi]
+        else:
+            out["margin"].setdefault(key[0], {})[key[1]] = [lo, hi]
+    return out
+
+
 def over_draws(name: str, draws: list[dict]) -> dict:
     """One report entry for the draws of a synthetic cache: each number is the mean ± std over draws of the
     per-draw mean over seeds; `margin` (predict - best baseline) is taken per draw, then averaged."""
@@ -267,44 +346,51 @@ def over_draws(name: str, draws: list[dict]) -> dict:
                         for fill, scores in first["summary"]["probe"].items()}
     return {**{k: first[k] for k in ("task", "metric", "classes", "rows", "seeds", "test_rate", "train_rate",
                                        "labeled_fraction")},
-            "name": name, "draws": [d["draw"] for d in draws], "summary": summary}
+            "name": name, "draws": [d["draw"] for d in draws], "summary": summary,
+            "intervals": paired_intervals([_resamples(d, seed=d["draw"]) for d in draws])}
 
 
 def acceptance(ds: dict) -> dict:
     """The checks of NEVER_HURTS, SPREAD_FACTOR and PROBE_SLACK on one report entry (a dataset, or a synthetic cache
     over its draws: there the margins are the per-draw ones averaged, and the spread check is skipped, its std
-    being over draws). Each check: {ok, value, where}; None when the entry lacks what it needs."""
+    being over draws). Each check: {ok, value, where, interval: the 95 % bootstrap interval of the difference it
+    judges, or None}; a check is None when the entry lacks what it needs."""
     s, rows = ds["summary"], []
+    intervals = ds.get("intervals") or {}
     for setting in SETTINGS:
         for test_type, by in s.get(setting, {}).items():
             if "predict" in by and len(by) > 1:
-                rows.append((f"{setting} missing-{test_type}", by))
-    margins = []  # (predict - best baseline, where, predictor r2)
-    for where, by in rows:
+                interval = intervals.get("margin", {}).get(setting, {}).get(test_type)
+                rows.append((f"{setting} missing-{test_type}", by, interval))
+    margins = []  # (predict - best baseline, where, predictor r2, interval)
+    for where, by, interval in rows:
         baselines = [q["missing"]["mean"] for i, q in by.items() if i != "predict"]
         r2 = (by["predict"].get("r2") or {}).get("mean")
         if "margin" in by["predict"]:
-            margins.append((by["predict"]["margin"]["mean"], where, r2))
+            margins.append((by["predict"]["margin"]["mean"], where, r2, interval))
         elif None not in baselines + [by["predict"]["missing"]["mean"]]:
-            margins.append((by["predict"]["missing"]["mean"] - max(baselines), where, r2))
-    worst = min(margins) if margins else None
-    never_hurts = None if worst is None else {"ok": worst[0] >= -NEVER_HURTS, "value": worst[0], "where": worst[1]}
+            margins.append((by["predict"]["missing"]["mean"] - max(baselines), where, r2, interval))
+
+    def check(margin, threshold):
+        return {"ok": margin[0] >= threshold, "value": margin[0], "where": margin[1], "interval": margin[3]}
+
+    never_hurts = check(min(margins, key=lambda m: m[0]), -NEVER_HURTS) if margins else None
     predictable = [m for m in margins if m[2] is not None and m[2] >= HELPS_R2]
-    worst = min(predictable) if predictable else None
-    helps = None if worst is None else {"ok": worst[0] >= HELPS_MARGIN, "value": worst[0], "where": worst[1]}
+    helps = check(min(predictable, key=lambda m: m[0]), HELPS_MARGIN) if predictable else None
     spread = None
     if "draws" not in ds:
-        ratios = [(by["predict"]["missing"]["std"], by["zero"]["missing"]["std"], where) for where, by in rows
+        ratios = [(by["predict"]["missing"]["std"], by["zero"]["missing"]["std"], where) for where, by, _ in rows
                   if "zero" in by]
         if ratios:
             p_std, z_std, where = max(ratios, key=lambda r: r[0] - SPREAD_FACTOR * r[1])
-            spread = {"ok": p_std <= SPREAD_FACTOR * z_std, "value": [p_std, z_std], "where": where}
+            spread = {"ok": p_std <= SPREAD_FACTOR * z_std, "value": [p_std, z_std], "where": where, "interval": None}
     probe, full = s["probe"]["mean"]["full"], next(iter(s.get("complete", {}).values()), {})
     scores = [(q["full"]["mean"], i) for i, q in full.items() if q["full"]["mean"] is not None]
     trainer = None
     if probe is not None and scores:
         low = min(scores)
-        trainer = {"ok": low[0] >= probe - PROBE_SLACK, "value": [low[0], probe], "where": f"complete full, {low[1]}"}
+        trainer = {"ok": low[0] >= probe - PROBE_SLACK, "value": [low[0], probe], "where": f"complete full, {low[1]}",
+                   "interval": intervals.get("trainer_vs_probe")}
     return {"never_hurts": never_hurts, "helps": helps, "spread": spread, "trainer_vs_probe": trainer}
 
 
@@ -320,8 +406,14 @@ def format_acceptance(checks: dict) -> list[str]:
     for key, claim in claims.items():
         if c := checks.get(key):
             value = values[key].format(*c["value"]) if isinstance(c["value"], list) else values[key].format(c["value"])
+            if c.get("interval"):
+                value += f", difference's 95 % interval over test rows {_interval(c['interval'])}"
             lines.append(f"  check: {claim}: {'yes' if c['ok'] else 'NO'} ({value}, {c['where']})")
     return lines
+
+
+def _interval(bounds) -> str:
+    return f"[{bounds[0]:+.3f}, {bounds[1]:+.3f}]"
 
 
 def _cell(stats: dict) -> str:
@@ -346,7 +438,7 @@ def format_report(report: dict) -> list[str]:
                      + (f" (labels kept on {ds['labeled_fraction']:g} of the train rows)"
                         if ds.get("labeled_fraction", 1.0) < 1 else "") + f", test {main} at missing rate "
                      f"{ds['test_rate']}, {spread}")
-        header = ["training", "test scenario"] + imputes + ["predict - best baseline", "predictor r2"]
+        header = ["training", "test scenario"] + imputes + ["predict - best baseline [95 % interval]", "predictor r2"]
         rows = []
         for setting in SETTINGS:
             for test_type, by_impute in s.get(setting, {}).items():
@@ -359,6 +451,9 @@ def format_report(report: dict) -> list[str]:
                     row.append(f"{margin['mean']:+.3f} ± {margin['std']:.3f}")
                 else:
                     row.append(f"{by_impute['predict']['missing']['mean'] - max(baselines):+.3f}" if ok else "")
+                interval = ((ds.get("intervals") or {}).get("margin") or {}).get(setting, {}).get(test_type)
+                if ok and interval:
+                    row[-1] += f" {_interval(interval)}"
                 r2 = (by_impute.get("predict") or {}).get("r2")
                 row.append(_num(r2["mean"]) if r2 else "")
                 rows.append(row)

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from embcache.bench import accuracy as bench_accuracy
 from embcache.bench.accuracy import (_resamples, acceptance, format_acceptance, keep_labels, linear_probe,
-                                     pack_correct, paired_intervals, unpack_correct)
-from embcache.bench.synthetic import make_features
+                                     pack_correct, paired_intervals, synthetic_bayes, unpack_correct)
+from embcache.bench.synthetic import bayes_accuracy, make_features
 from embcache.cli.bench_accuracy import accuracy_command
 from embcache.config import FitError
 from embcache.data import dataset_from_features
@@ -54,6 +54,9 @@ def test_grid_writes_table_json_and_figure(tmp_path, monkeypatch):
                                                         for c in ds["cells"])
     lo, hi = ds["intervals"]["margin"]["missing"]["both"]
     assert lo <= hi and f"[{lo:+.3f}, {hi:+.3f}]" in table and len(ds["intervals"]["trainer_vs_probe"]) == 2
+    # a synthetic cache knows its ceiling, and no run beats it
+    assert set(ds["bayes"]) == {"full", "missing-both", "missing-image"} and "Bayes-optimal" in table
+    assert all(c["test"]["full"]["accuracy"] <= ds["bayes"]["full"] + 0.03 for c in ds["cells"])
 
 
 def test_acceptance_checks_name_the_worst_cell():
@@ -129,6 +132,33 @@ def test_the_margins_intervals_are_paired_over_the_test_rows():
     assert 0 < lo2 < 4 / n < hi2 < hi
     # runs without per-row results (a main metric other than accuracy) get no interval
     assert paired_intervals([_resamples({"cells": [{"setting": "complete"}], "test_labeled": n})]) is None
+
+
+def test_the_bayes_ceiling_is_what_a_logistic_regression_on_many_rows_approaches():
+    # On this linear-Gaussian model a logistic regression on 20k rows is close to the Bayes classifier: the
+    # ceiling must sit just above it (a wrong posterior, e.g. a wrong latent map, would put it well below)
+    features = make_features(n_train=20_000, n_val=10, n_test=1500, d_image=16, d_text=12, n_classes=4,
+                             task_type="multiclass", shared_dim=6, private_dim=2, noise=0.3, seed=7)
+    train, test = np.flatnonzero(features.split == 0), np.flatnonzero(features.split == 2)
+    ones = np.ones(len(test), dtype=bool)
+    for shown in (("image", "text"), ("image",), ("text",)):
+        x = torch.as_tensor(np.concatenate([features.emb[m] for m in shown], axis=1))
+        head = bench_accuracy._fit_logistic(x[train], torch.as_tensor(features.labels[train]), "multiclass", 4, 1e-6)
+        fitted = (head(x[test]).argmax(1).numpy() == features.labels[test]).mean()
+        ceiling = bayes_accuracy(features, test, {m: ones if m in shown else ~ones for m in ("image", "text")})
+        assert fitted - 0.015 <= ceiling <= fitted + 0.03, (shown, fitted, ceiling)
+    # showing nothing: the prior's most probable class, the same for every row
+    nothing = bayes_accuracy(features, test, {m: ~ones for m in ("image", "text")})
+    assert nothing == pytest.approx(max(np.bincount(features.labels[test])) / len(test), abs=0.02)
+
+
+def test_a_synthetic_cache_reports_its_bayes_ceiling(monkeypatch):
+    monkeypatch.setitem(bench_accuracy.SYNTHETIC, "synthetic-predictable", TINY)
+    bayes = synthetic_bayes("synthetic-predictable", 11, 0.7, ("both", "image"), 0)
+    assert set(bayes) == {"full", "missing-both", "missing-image"}
+    assert bayes["full"] > bayes["missing-both"] > 1 / TINY["n_classes"]
+    monkeypatch.setitem(bench_accuracy.SYNTHETIC, "synthetic-predictable", {**TINY, "task_type": "multilabel"})
+    assert synthetic_bayes("synthetic-predictable", 11, 0.7, ("both",), 0) is None
 
 
 def test_bad_test_types_are_refused():

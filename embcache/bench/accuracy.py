@@ -10,8 +10,12 @@ under `full`. Every run gets the same trainer (indicators, head, model selection
 A linear probe (logistic regression on the concatenated standardised features, trained on the complete
 training rows, L2 chosen on val) is the reference the trainer must match; it is scored with zero and mean
 fill, and per presence pattern (one regression per pattern: no stand-in at all). A synthetic cache is run on
-several draws of its data and summarised over them too. Results: a table (mean +- std over seeds, and over draws),
-a JSON file (the table's numbers per cell and seed) and one figure.
+several draws of its data and summarised over them too, and knows its Bayes-optimal accuracy (the ceiling no
+classifier beats). Results: a table (mean +- std over seeds, and over draws), a JSON file (the table's numbers per
+cell and seed, and which test rows each run got right) and one figure.
+
+Seeds are one source of noise, the test rows another, often the larger: each margin (predict - best baseline) and
+the trainer-vs-probe difference get a 95 % interval from a paired bootstrap over the test rows (`paired_intervals`).
 
 `labeled_fraction` < 1 keeps the labels of that fraction of the training rows only (`keep_labels`): the others stay
 as unlabeled rows, whose pairs the predictors learn from and the classifiers cannot. That is the case of many
@@ -34,6 +38,7 @@ from embcache.evaluate import predict_split, scenario_metrics
 from embcache.metrics import MAIN_METRIC, task_metrics
 from embcache.missing import MISSING_TYPES, MODALITIES, scenario_present, unit_hash
 from embcache.runtime import resolve_device, staged_file
+from embcache.store import SPLIT_CODES
 from embcache.train import fit_logistic, prepare, train
 
 # 2: synthetic caches run per draw ("name@draw"), plus "over_draws"; 3: each run's right test rows, "intervals"
@@ -76,6 +81,19 @@ def synthetic_dataset(name: str, draw: int) -> FeatureSet:
     """Draw `draw` (the data seed) of the built-in synthetic cache `name`."""
     _check_synthetic(name)
     return dataset_from_features(synthetic.make_features(**SYNTHETIC[name], seed=draw), f"synthetic:{name}@{draw}")
+
+
+def synthetic_bayes(name: str, draw: int, test_rate: float, test_types, missing_seed: int) -> dict | None:
+    """{scenario: Bayes-optimal accuracy} on the test rows of draw `draw` of the synthetic cache `name`, under
+    `full` and each test type's scenario (`synthetic.bayes_accuracy`); None unless the cache is multiclass."""
+    features = synthetic.make_features(**SYNTHETIC[name], seed=draw)
+    if features.task_type != "multiclass":
+        return None
+    test = np.flatnonzero(features.split == SPLIT_CODES["test"])
+    present = {m: features.present[m][test] for m in MODALITIES}
+    return {scenario: synthetic.bayes_accuracy(
+                features, test, scenario_present(features.ids[test], present, scenario, test_rate, missing_seed))
+            for scenario in ["full"] + [f"missing-{t}" for t in test_types]}
 
 
 def keep_labels(data: FeatureSet, fraction: float, seed: int) -> FeatureSet:
@@ -347,6 +365,8 @@ def over_draws(name: str, draws: list[dict]) -> dict:
     return {**{k: first[k] for k in ("task", "metric", "classes", "rows", "seeds", "test_rate", "train_rate",
                                        "labeled_fraction")},
             "name": name, "draws": [d["draw"] for d in draws], "summary": summary,
+            "bayes": ({scenario: float(np.mean([d["bayes"][scenario] for d in draws])) for scenario in first["bayes"]}
+                      if all(d.get("bayes") for d in draws) else None),
             "intervals": paired_intervals([_resamples(d, seed=d["draw"]) for d in draws])}
 
 
@@ -467,6 +487,9 @@ def format_report(report: dict) -> list[str]:
             rows.append(["linear probe", key] + [f"zero {_num(probe['zero'][key])}", f"mean {_num(probe['mean'][key])}",
                                                  f"per-pattern {_num(probe['per-pattern'][key])}"]
                         + [""] * (len(imputes) - 1))
+        if bayes := ds.get("bayes"):  # a synthetic cache: the best any classifier can do on these test rows
+            rows += [["Bayes-optimal", scenario, _num(value)] + [""] * (len(imputes) + 1)
+                     for scenario, value in bayes.items()]
         widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
         lines += format_acceptance(ds.get("checks") or {})
@@ -502,8 +525,13 @@ def plot_report(report: dict, path: str | Path) -> None:
                        yerr=stds, capsize=3, label=impute)
             probe = [max(_nan(v[f"missing-{t}"]) for v in s["probe"].values()) for t in types]
             ax.plot(range(len(types)), probe, "k_", markersize=28, mew=2, label="linear probe (best variant)")
+            markers = probe
+            if bayes := ds.get("bayes"):  # a synthetic cache: the ceiling
+                ceiling = [bayes[f"missing-{t}"] for t in types]
+                ax.plot(range(len(types)), ceiling, "r_", markersize=28, mew=2, label="Bayes-optimal")
+                markers = probe + ceiling
             ax.set_xticks(range(len(types)), [f"missing-{t}" for t in types])
-            values = [v for v in [_nan(s[setting][t][i]["missing"]["mean"]) for t in types for i in imputes] + probe
+            values = [v for v in [_nan(s[setting][t][i]["missing"]["mean"]) for t in types for i in imputes] + markers
                       if v == v]
             if values:
                 ax.set_ylim(max(0.0, min(values) - 0.08), min(1.0, max(values) + 0.05))
@@ -533,7 +561,10 @@ def run_bench(stores: list[str], synthetic_names: list[str], base: FitConfig, *,
         log(f"{label}: training {len(SETTINGS) * len(test_types) * len(IMPUTE_MODES) * len(seeds)} runs")
         entry = run_dataset(label, load(), base, seeds=seeds, test_rate=test_rate, train_rate=train_rate,
                             test_types=test_types, labeled_fraction=labeled_fraction, log=log)
-        datasets.append(entry if draw is None else {**entry, "group": name, "draw": draw})
+        if draw is not None:
+            entry = {**entry, "group": name, "draw": draw,
+                     "bayes": synthetic_bayes(name, draw, test_rate, test_types, base.missing_seed)}
+        datasets.append(entry)
     over = [over_draws(f"{name} over {len(group)} draws", group) | {"group": name} for name in synthetic_names
             if len(group := [d for d in datasets if d.get("group") == name]) > 1]
     for entry in datasets + over:

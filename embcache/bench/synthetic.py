@@ -8,6 +8,10 @@ likewise from [z_shared, z_text_only]. So:
   its R2 is set by `shared_dim`, `private_dim` and `noise` (a ridge regression gets close to it);
 - labels depend on all of z, so each modality carries information the other lacks and late fusion helps;
 - embeddings have a non-zero mean, so "zero" and "mean" imputation differ, as with real encoders.
+
+The draw keeps its generative model (`meta["latent"]`), so a multiclass cache knows the best accuracy any
+classifier can reach on rows that show a given subset of the modalities (`bayes_accuracy`): the ceiling against
+which a margin over zero / mean fill can be read.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from embcache.hidden import HIDDEN_KEY, MASK_KEY, PromptError
 from embcache.store import SPLIT_CODES, CachedFeatures, create_store, mark_complete, write_rows
 
 REASONS = ["present", "missing_field", "missing_file", "empty_text"]
+LABEL_NOISE = 0.3  # std of the noise added to the class scores before the argmax / thresholds
 MMIMDB_SIZES = {"n_train": 15_552, "n_val": 2_608, "n_test": 7_799}
 
 
@@ -53,13 +58,21 @@ def make_features(*, n_train: int = 2000, n_val: int = 500, n_test: int = 1000,
     z = rng.standard_normal((n, k)).astype(np.float64)
     z_shared, z_img, z_txt = np.split(z, [shared_dim, shared_dim + private_dim], axis=1)
     emb = {}
+    latent = {"noise": noise, "maps": {}, "offsets": {}}  # embedding = z @ maps[m] + offsets[m] + noise * N(0, I)
     for m, private, dim in (("image", z_img, d_image), ("text", z_txt, d_text)):
-        signal = np.concatenate([z_shared, private], axis=1) @ _orthonormal_rows(rng, shared_dim + private_dim, dim)
+        rows = _orthonormal_rows(rng, shared_dim + private_dim, dim)
+        signal = np.concatenate([z_shared, private], axis=1) @ rows
         offset = rng.normal(0.5, 0.5, size=dim)
         emb[m] = (signal + noise * rng.standard_normal((n, dim)) + offset).astype(np.float32)
+        latent["maps"][m] = np.zeros((k, dim))  # the same map on all of z: zero rows for the other's private part
+        latent["maps"][m][:shared_dim] = rows[:shared_dim]
+        start = shared_dim if m == "image" else shared_dim + private_dim
+        latent["maps"][m][start:start + private_dim] = rows[shared_dim:]
+        latent["offsets"][m] = offset
 
     # Labels from all of z (shared and both private parts), with label noise.
-    score = z @ rng.standard_normal((k, n_classes)) / np.sqrt(k) + 0.3 * rng.standard_normal((n, n_classes))
+    latent["score"] = rng.standard_normal((k, n_classes)) / np.sqrt(k)
+    score = z @ latent["score"] + LABEL_NOISE * rng.standard_normal((n, n_classes))
     if task_type == "multilabel":
         prevalence = rng.uniform(0.1, 0.4, size=n_classes)
         thresholds = [np.quantile(score[:, c], 1 - prevalence[c]) for c in range(n_classes)]
@@ -88,8 +101,43 @@ def make_features(*, n_train: int = 2000, n_val: int = 500, n_test: int = 1000,
         ids=np.array([f"syn{seed}-{i:07d}" for i in range(n)], dtype=object), split=split, labels=labels,
         task_type=task_type, classes=[f"class{c}" for c in range(n_classes)], emb=emb, present=present,
         encoders={m: encoder_attrs(m, emb[m].shape[1], "float32", seed) for m in ("image", "text")},
-        meta={"dataset": {"name": "synthetic", "n_rows": n}},
+        meta={"dataset": {"name": "synthetic", "n_rows": n}, "latent": latent},
     )
+
+
+def bayes_accuracy(features: CachedFeatures, rows: np.ndarray, show: dict[str, np.ndarray], *,
+                   samples: int = 2000, seed: int = 0) -> float:
+    """The Bayes-optimal accuracy of a multiclass synthetic cache (`make_features`) on `rows` (indices), each row
+    showing the modalities `show` marks (bool, aligned with `rows`): for each row, the exact Gaussian posterior
+    of the latent given what it shows, the class probabilities under it by Monte Carlo (`samples` draws), and
+    the most probable class. No classifier trained on the cache can beat it but by luck."""
+    if features.task_type != "multiclass":
+        raise ValueError(f"bayes_accuracy needs a multiclass cache, not {features.task_type}")
+    latent, rng = features.meta["latent"], np.random.default_rng(seed)
+    k = latent["score"].shape[0]
+    rows = np.asarray(rows)
+    right = 0
+    for pattern in ((), ("image",), ("text",), ("image", "text")):
+        mask = np.ones(len(rows), dtype=bool)
+        for m in ("image", "text"):
+            mask &= np.asarray(show[m]) == (m in pattern)
+        picked = rows[mask]
+        if not len(picked):
+            continue
+        maps = np.concatenate([latent["maps"][m] for m in pattern], axis=1) if pattern else np.zeros((k, 0))
+        # z ~ N(0, I), x = z @ maps + noise: posterior precision I + maps maps^T / noise^2
+        cov = np.linalg.inv(np.eye(k) + maps @ maps.T / latent["noise"] ** 2)
+        centred = (np.concatenate([features.emb[m][picked].astype(np.float64) - latent["offsets"][m] for m in pattern],
+                                  axis=1) if pattern else np.zeros((len(picked), 0)))
+        mean = centred @ maps.T @ cov / latent["noise"] ** 2
+        root = np.linalg.cholesky(cov)
+        for start in range(0, len(picked), 64):  # rows in blocks: (block, samples, classes) stays small
+            block = slice(start, start + 64)
+            z = mean[block, None, :] + rng.standard_normal((len(mean[block]), samples, k)) @ root.T
+            scores = z @ latent["score"] + LABEL_NOISE * rng.standard_normal(z.shape[:2] + latent["score"].shape[1:])
+            votes = np.eye(scores.shape[-1], dtype=np.int32)[scores.argmax(-1)].sum(1)
+            right += int((votes.argmax(1) == features.labels[picked[block]]).sum())
+    return right / len(rows)
 
 
 def write_store(url: str, features: CachedFeatures, *, dtype: str = "float32", overwrite: bool = True) -> str:

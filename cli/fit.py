@@ -138,6 +138,31 @@ def fit_command(store, out, seeds, compile_, overwrite, quiet, **options):
     click.echo(f"wrote {out}")
 
 
+@click.command("compare")
+@click.argument("run_a", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_b", type=click.Path(exists=True, file_okay=False))
+@click.option("--store", default=None, help="Score both on this store (default: RUN_A's; each run's fingerprint "
+                                            "must match it).")
+@click.option("--rate", type=RATE, default=None, help="Missing rate of the scenarios (default: RUN_A's).")
+@click.option("--resamples", type=click.IntRange(100), default=1000, show_default=True,
+              help="Bootstrap resamples of the test rows.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the comparison here.")
+@user_errors
+def compare_command(run_a, run_b, store, rate, resamples, device, json_path):
+    """Is run B better than run A beyond the test rows' noise? Both scored on the same rows, every scenario."""
+    from embcache.runs import compare_runs, format_comparison
+
+    result = compare_runs(run_a, run_b, store=store, rate=rate, resamples=resamples, device=device)
+    click.echo(format_comparison(result))
+    if json_path:  # temp file then rename: never a half-written JSON
+        from embcache.runtime import staged_file
+
+        with staged_file(json_path) as tmp, open(tmp, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
 @click.command("eval")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--store", default=None, help="Score on this store instead of the one the run was fit on "

@@ -13,6 +13,7 @@ COMMANDS = {
     "extract": "embcache.cli.extract:extract_command",
     "fit": "embcache.cli.fit:fit_command",
     "eval": "embcache.cli.fit:eval_command",
+    "compare": "embcache.cli.fit:compare_command",
     "export": "embcache.cli.bundle:export_command",
     "predict": "embcache.cli.bundle:predict_command",
     "export-features": "embcache.cli.interchange:export_features_command",

@@ -1,6 +1,7 @@
 """Metrics: the task loss, the task metrics (F1, AUROC, accuracy) and the predictors' R2, on torch tensors."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -68,3 +69,14 @@ def r2_score(pred: torch.Tensor, target: torch.Tensor) -> float:
     residual = ((target - pred) ** 2).sum()
     total = ((target - target.mean(0)) ** 2).sum()
     return (1 - residual / total.clamp(min=1e-12)).item()
+
+
+def resample_rows(n: int, resamples: int, seed: int = 0) -> np.ndarray:
+    """(resamples, n) row indices, each row drawn with replacement: the bootstrap over a test set's rows. Every
+    quantity compared on one set is computed on the same resamples (a paired bootstrap)."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def interval95(replicates) -> list[float]:
+    """The 2.5 and 97.5 percentiles of bootstrap replicates."""
+    return np.percentile(np.asarray(replicates, dtype=np.float64), [2.5, 97.5]).tolist()

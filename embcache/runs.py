@@ -1,6 +1,8 @@
-"""Runs: a finished run folder read back (its model, its seeds), re-scored, summarized over seeds, and printed.
+"""Runs: a finished run folder read back (its model, its seeds), re-scored, summarized over seeds, compared with
+another, and printed.
 
-`embcache eval` uses `evaluate_run` and `format_table`; the run folder is documented in docs/metrics-format.md.
+`embcache eval` uses `evaluate_run` and `format_table`, `embcache compare` uses `compare_runs` and
+`format_comparison`; the run folder is documented in docs/metrics-format.md.
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from embcache.config import FitConfig, FitError
-from embcache.data import fingerprint_mismatch, load_dataset
-from embcache.evaluate import METRICS_SCHEMA, scenario_metrics
-from embcache.missing import SCENARIOS
+from embcache.data import SplitTensors, fingerprint_mismatch, labeled, load_dataset, masks_to
+from embcache.evaluate import METRICS_SCHEMA, predict_split, scenario_metrics
+from embcache.metrics import MAIN_METRIC, interval95, resample_rows, task_metrics
+from embcache.missing import SCENARIOS, scenario_present
 from embcache.models import FusionModel
 from embcache.runtime import resolve_device
 
@@ -48,22 +51,99 @@ def seed_dirs(run_dir: str | Path) -> list[Path]:
     return dirs
 
 
-def evaluate_run(run_dir: str | Path, *, store: str | None = None, rate: float | None = None,
-                 device: str = "auto") -> dict:
-    """Re-score a finished run (all seeds) under every scenario; same layout as its metrics.json."""
-    results, loaded = [], {}
+def seed_models(run_dir: str | Path, store: str | None, device: str, loaded: dict):
+    """Yield (config, resolved, model, data) per seed of a run, its data read from `store` (default: the one it was
+    fit on) and checked against the run's fingerprint. `loaded` caches the datasets between calls."""
     for path in seed_dirs(run_dir):
         cfg, resolved, model = load_run(path, device)
         sources = (store or cfg.store, cfg.val_store, cfg.test_store)
-        data = loaded[sources] = loaded.get(sources) or load_dataset(
-            *sources, hidden=cfg.predictor == "prompts", allow_partial=cfg.allow_partial,
+        hidden = cfg.predictor == "prompts"
+        data = loaded[sources, hidden] = loaded.get((sources, hidden)) or load_dataset(
+            *sources, hidden=hidden, allow_partial=cfg.allow_partial,
             stream=bool((resolved.get("data") or {}).get("streaming")))
         diffs = fingerprint_mismatch(resolved["fingerprint"], data.fingerprint)
         if diffs:
             raise FitError(f"{store or cfg.store}: not the features {path} was trained on (fingerprint differs: "
                            f"{'; '.join(diffs)})")
-        results.append(scenario_metrics(model, data, cfg, resolved, rate=rate))
+        yield cfg, resolved, model, data
+
+
+def evaluate_run(run_dir: str | Path, *, store: str | None = None, rate: float | None = None,
+                 device: str = "auto") -> dict:
+    """Re-score a finished run (all seeds) under every scenario; same layout as its metrics.json."""
+    results = [scenario_metrics(model, data, cfg, resolved, rate=rate)
+               for cfg, resolved, model, data in seed_models(run_dir, store, device, {})]
     return results[0] if len(results) == 1 else summarize(results)
+
+
+COMPARE_SCHEMA = "embcache.compare/1"
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path, *, store: str | None = None, rate: float | None = None,
+                 resamples: int = 1000, device: str = "auto") -> dict:
+    """Score runs A and B (each the mean over its seeds) on the same test rows under every scenario, and the
+    difference B - A of the main metric with a 95 % interval from a paired bootstrap over those rows (the same
+    resamples for both runs). The scenarios hide the same rows for both: run A's missing rate (or `rate`) and
+    missing seed. Both runs must read the same features: `store`, or run A's store, whose fingerprint each run's
+    must match."""
+    loaded: dict = {}
+    first = next(seed_models(run_a, store, device, loaded))
+    cfg_a, data = first[0], first[3]
+    rate = cfg_a.test_missing_rate if rate is None else rate
+    test = data.splits["test"]
+    device_ = next(first[2].parameters()).device
+    y = SplitTensors.of(test, data.task_type, device_).y
+    keep = torch.as_tensor(np.flatnonzero(labeled(data.task_type, test.labels)), device=device_)
+    if len(keep) == 0:
+        raise FitError(f"{store or cfg_a.store}: the test split has no labeled rows to compare on")
+    masks = {sc: masks_to(scenario_present(test.ids, test.present, sc, rate, cfg_a.missing_seed), device_)
+             for sc in SCENARIOS}
+    logits: dict = {}  # run -> scenario -> [per seed (labeled rows, outputs)]
+    for name, run in (("a", run_a), ("b", run_b)):
+        for _, _, model, seed_data in seed_models(run, store or cfg_a.store, device, loaded):
+            if not np.array_equal(seed_data.splits["test"].ids, test.ids):
+                raise FitError(f"{run} and {run_a} are not scored on the same test rows")
+            tensors = SplitTensors.of(seed_data.splits["test"], data.task_type, device_)
+            for sc in SCENARIOS:
+                scores = predict_split(model, seed_data.splits["test"], tensors, masks[sc])
+                logits.setdefault(name, {}).setdefault(sc, []).append(scores[keep])
+    y, main = y[keep], MAIN_METRIC[data.task_type]
+    rows = torch.as_tensor(resample_rows(len(keep), resamples), device=device_)
+
+    def metric(name, sc, idx=None):  # the run's mean over seeds, on rows idx (default: every labeled row)
+        values = [task_metrics(data.task_type, out if idx is None else out[idx], y if idx is None else y[idx])[main]
+                  for out in logits[name][sc]]
+        return None if None in values else float(np.mean(values))
+
+    scenarios = {}
+    for sc in SCENARIOS:
+        a, b = metric("a", sc), metric("b", sc)
+        replicates = [d for idx in rows if None not in (d := (metric("b", sc, idx), metric("a", sc, idx)))]
+        differences = np.array([rb - ra for rb, ra in replicates])
+        scenarios[sc] = {"a": a, "b": b, "difference": None if None in (a, b) else b - a,
+                         "interval": interval95(differences) if len(differences) else None,
+                         "b_better": float((differences > 0).mean()) if len(differences) else None}
+    return {"schema": COMPARE_SCHEMA, "task": data.task_type, "metric": main, "runs": {"a": str(run_a), "b": str(run_b)},
+            "seeds": {name: len(by[SCENARIOS[0]]) for name, by in logits.items()}, "test_rows": len(keep),
+            "missing": {"rate": rate, "seed": cfg_a.missing_seed}, "resamples": len(differences),
+            "scenarios": scenarios}
+
+
+def format_comparison(result: dict) -> str:
+    """A plain-text table of `compare_runs`: per scenario A, B, B - A and its interval."""
+    main = result["metric"]
+    header = ["scenario", f"A {main}", f"B {main}", "B - A", "95 % interval", "resamples with B > A"]
+    rows = [[sc, _num(q["a"]), _num(q["b"]), "n/a" if q["difference"] is None else f"{q['difference']:+.4f}",
+             "n/a" if q["interval"] is None else f"[{q['interval'][0]:+.4f}, {q['interval'][1]:+.4f}]",
+             "n/a" if q["b_better"] is None else f"{q['b_better']:.0%}"] for sc, q in result["scenarios"].items()]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    seeds = {k: f"{n} seed{'s' if n > 1 else ''}" for k, n in result["seeds"].items()}
+    lines = [f"A = {result['runs']['a']} ({seeds['a']}), B = {result['runs']['b']} ({seeds['b']}); test {main} on the same {result['test_rows']} rows, missing rate "
+             f"{result['missing']['rate']} (missing seed {result['missing']['seed']}); intervals from a paired "
+             f"bootstrap over the test rows ({result['resamples']} resamples)"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+    lines.append("An interval that contains 0 means the test rows cannot tell the two runs apart.")
+    return "\n".join(lines)
 
 
 def summarize(runs: list[dict]) -> dict:

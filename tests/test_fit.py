@@ -10,7 +10,7 @@ import zarr
 from click.testing import CliRunner
 
 from embcache.bench import synthetic
-from embcache.cli.fit import eval_command, fit_command
+from embcache.cli.fit import compare_command, eval_command, fit_command
 from embcache.config import FitConfig, FitError
 from embcache.data import dataset_from_features, load_dataset
 from embcache.metrics import auroc, f1_scores, r2_score
@@ -157,6 +157,28 @@ def test_eval_reproduces_metrics_and_prints_table(runs, tmp_path):
     assert gap[0.3] < gap[0.7], gap
 
 
+def test_compare_scores_two_runs_on_the_same_rows_with_paired_intervals(runs, tmp_path):
+    zero, predict = runs["zero", 0.7], runs["predict", 0.7]
+    out = tmp_path / "cmp" / "compare.json"
+    result = invoke(compare_command, [zero, predict, "--resamples", 200, "--json", out])
+    assert result.exit_code == 0, result.output
+    assert "paired bootstrap over the test rows (200 resamples)" in result.output
+    cmp = json.loads(out.read_text())
+    assert cmp["metric"] == "f1_macro" and cmp["seeds"] == {"a": 1, "b": 1} and os.listdir(out.parent) == [out.name]
+    for scenario in SCENARIOS:  # each side is what the run's own metrics.json says; the interval holds B - A
+        q = cmp["scenarios"][scenario]
+        assert q["a"] == pytest.approx(metrics_of(zero)["test"][scenario]["f1_macro"], abs=1e-6)
+        assert q["b"] == pytest.approx(metrics_of(predict)["test"][scenario]["f1_macro"], abs=1e-6)
+        assert q["difference"] == pytest.approx(q["b"] - q["a"])
+        assert q["interval"][0] <= q["difference"] <= q["interval"][1]
+        assert q["b_better"] > 0.97 if q["interval"][0] > 0 else q["b_better"] < 0.98
+    # a run against itself: nothing to tell apart, on any resample
+    same = invoke(compare_command, [predict, predict, "--resamples", 100, "--json", out])
+    assert same.exit_code == 0, same.output
+    assert all(q["interval"] == [0.0, 0.0] and q["b_better"] == 0.0
+               for q in json.loads(out.read_text())["scenarios"].values())
+
+
 @pytest.mark.parametrize("task_type,metric", [("multiclass", "accuracy"), ("binary", "auroc")])
 def test_seeds_summary_and_other_tasks(tmp_path, task_type, metric):
     store = synthetic.make_store(str(tmp_path / "s.zarr"), n_train=400, n_val=100, n_test=100, d_image=16,
@@ -179,6 +201,11 @@ def test_seeds_summary_and_other_tasks(tmp_path, task_type, metric):
         assert (tmp_path / "run" / f"seed-{seed}" / "model.safetensors").exists()
     result = invoke(eval_command, [tmp_path / "run"])
     assert result.exit_code == 0 and "±" in result.output
+    # compare: a several-seed run is the mean over its seeds
+    result = invoke(compare_command, [tmp_path / "run", tmp_path / "run", "--json", tmp_path / "cmp.json"])
+    assert result.exit_code == 0 and "2 seeds" in result.output
+    full = json.loads((tmp_path / "cmp.json").read_text())["scenarios"]["full"]
+    assert full["a"] == full["b"] == pytest.approx(summary["test"]["full"][metric], abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,6 +258,16 @@ def test_fingerprint_mismatch(tmp_path):
     group = zarr.open_group(other, mode="r+")
     group["image"].attrs["encoder"] = {**group["image"].attrs["encoder"], "model": "something-else"}
     expect_error(other, tmp_path, "fingerprint does not match")
+
+
+def test_compare_refuses_runs_on_other_features(tmp_path):
+    a = synthetic.write_store(str(tmp_path / "a.zarr"), small_features(seed=0))
+    b = synthetic.write_store(str(tmp_path / "b.zarr"), small_features(seed=1))
+    for url, name in ((a, "run-a"), (b, "run-b")):
+        result = invoke(fit_command, [url, "--out", tmp_path / name, "--epochs", 1, *SMALL])
+        assert result.exit_code == 0, result.output
+    result = invoke(compare_command, [tmp_path / "run-a", tmp_path / "run-b"])
+    assert result.exit_code != 0 and "fingerprint differs" in result.output
 
 
 def test_no_training_rows_with_both_modalities(tmp_path):

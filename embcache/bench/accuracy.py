@@ -35,7 +35,7 @@ from embcache.bench import synthetic
 from embcache.config import IMPUTE_MODES, FitConfig, FitError
 from embcache.data import FeatureSet, SplitTensors, dataset_from_features, labeled, load_dataset, masks_to
 from embcache.evaluate import predict_split, scenario_metrics
-from embcache.metrics import MAIN_METRIC, task_metrics
+from embcache.metrics import MAIN_METRIC, interval95, resample_rows, task_metrics
 from embcache.missing import MISSING_TYPES, MODALITIES, scenario_present, unit_hash
 from embcache.runtime import resolve_device, staged_file
 from embcache.store import SPLIT_CODES
@@ -304,12 +304,12 @@ def _resamples(entry: dict, seed: int = 0) -> dict | None:
     cells, n = entry["cells"], entry.get("test_labeled")
     if not n or not cells or any("correct" not in c for c in cells):
         return None
-    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=BOOTSTRAP_RESAMPLES) / n
+    rows = resample_rows(n, BOOTSTRAP_RESAMPLES, seed)
 
     def accuracy(setting, test_type, impute, scenario):  # (resamples,), mean over the seeds' runs
         runs = [unpack_correct(c["correct"][scenario], n) for c in cells
                 if (c["setting"], c["test_type"], c["impute"]) == (setting, test_type, impute)]
-        return weights @ np.mean(runs, axis=0) if runs else None
+        return np.mean(runs, axis=0)[rows].mean(1) if runs else None
 
     out = {}
     for setting in SETTINGS:
@@ -323,7 +323,7 @@ def _resamples(entry: dict, seed: int = 0) -> dict | None:
     full = [a for i in IMPUTE_MODES if (a := accuracy("complete", first, i, "full")) is not None]
     probe = (entry.get("probe") or {}).get("correct", {}).get("full")
     if full and probe:
-        out["trainer_vs_probe"] = np.min(full, axis=0) - weights @ unpack_correct(probe, n)
+        out["trainer_vs_probe"] = np.min(full, axis=0) - unpack_correct(probe, n)[rows].mean(1)
     return out
 
 
@@ -334,7 +334,7 @@ def paired_intervals(replicates: list[dict]) -> dict | None:
         return None
     out: dict = {"margin": {}}
     for key in replicates[0]:
-        lo, hi = np.percentile(np.mean([r[key] for r in replicates], axis=0), [2.5, 97.5]).tolist()
+        lo, hi = interval95(np.mean([r[key] for r in replicates], axis=0))
         if key == "trainer_vs_probe":
             out[key] = [lo, hi]
         else:

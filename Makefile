@@ -27,6 +27,7 @@ demo: $(STAMP)
 	$(OFFLINE) $(EMBCACHE) fit $(DEMO)/demo.zarr --out $(DEMO)/run --overwrite --quiet
 	$(OFFLINE) $(EMBCACHE) fit $(DEMO)/demo.zarr --out $(DEMO)/run-zero --impute zero --overwrite --quiet
 	$(OFFLINE) $(EMBCACHE) eval $(DEMO)/run
+	$(OFFLINE) $(EMBCACHE) compare $(DEMO)/run-zero $(DEMO)/run
 	$(OFFLINE) $(EMBCACHE) export $(DEMO)/run --out $(DEMO)/model.embcache
 	$(OFFLINE) $(EMBCACHE) predict $(DEMO)/model.embcache --manifest data/demo/manifest.jsonl \
 		--out $(DEMO)/predictions.jsonl --quiet

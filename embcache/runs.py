@@ -91,24 +91,24 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, store: str | None = No
     cfg_a, data = first[0], first[3]
     rate = cfg_a.test_missing_rate if rate is None else rate
     test = data.splits["test"]
-    device_ = next(first[2].parameters()).device
-    y = SplitTensors.of(test, data.task_type, device_).y
-    keep = torch.as_tensor(np.flatnonzero(labeled(data.task_type, test.labels)), device=device_)
+    on = resolve_device(device)  # where load_run put the models
+    y = SplitTensors.of(test, data.task_type, on).y
+    keep = torch.as_tensor(np.flatnonzero(labeled(data.task_type, test.labels)), device=on)
     if len(keep) == 0:
         raise FitError(f"{store or cfg_a.store}: the test split has no labeled rows to compare on")
-    masks = {sc: masks_to(scenario_present(test.ids, test.present, sc, rate, cfg_a.missing_seed), device_)
+    masks = {sc: masks_to(scenario_present(test.ids, test.present, sc, rate, cfg_a.missing_seed), on)
              for sc in SCENARIOS}
     logits: dict = {}  # run -> scenario -> [per seed (labeled rows, outputs)]
     for name, run in (("a", run_a), ("b", run_b)):
         for _, _, model, seed_data in seed_models(run, store or cfg_a.store, device, loaded):
             if not np.array_equal(seed_data.splits["test"].ids, test.ids):
                 raise FitError(f"{run} and {run_a} are not scored on the same test rows")
-            tensors = SplitTensors.of(seed_data.splits["test"], data.task_type, device_)
+            tensors = SplitTensors.of(seed_data.splits["test"], data.task_type, on)
             for sc in SCENARIOS:
                 scores = predict_split(model, seed_data.splits["test"], tensors, masks[sc])
                 logits.setdefault(name, {}).setdefault(sc, []).append(scores[keep])
     y, main = y[keep], MAIN_METRIC[data.task_type]
-    rows = torch.as_tensor(resample_rows(len(keep), resamples), device=device_)
+    rows = torch.as_tensor(resample_rows(len(keep), resamples), device=on)
 
     def metric(name, sc, idx=None):  # the run's mean over seeds, on rows idx (default: every labeled row)
         values = [task_metrics(data.task_type, out if idx is None else out[idx], y if idx is None else y[idx])[main]
@@ -122,11 +122,12 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, store: str | None = No
         differences = np.array([rb - ra for rb, ra in replicates])
         scenarios[sc] = {"a": a, "b": b, "difference": None if None in (a, b) else b - a,
                          "interval": interval95(differences) if len(differences) else None,
-                         "b_better": float((differences > 0).mean()) if len(differences) else None}
-    return {"schema": COMPARE_SCHEMA, "task": data.task_type, "metric": main, "runs": {"a": str(run_a), "b": str(run_b)},
+                         "b_better": float((differences > 0).mean()) if len(differences) else None,
+                         "resamples": len(differences)}  # fewer than asked where a metric was undefined
+    return {"schema": COMPARE_SCHEMA, "task": data.task_type, "metric": main,
+            "runs": {"a": str(run_a), "b": str(run_b)},
             "seeds": {name: len(by[SCENARIOS[0]]) for name, by in logits.items()}, "test_rows": len(keep),
-            "missing": {"rate": rate, "seed": cfg_a.missing_seed}, "resamples": len(differences),
-            "scenarios": scenarios}
+            "missing": {"rate": rate, "seed": cfg_a.missing_seed}, "resamples": resamples, "scenarios": scenarios}
 
 
 def format_comparison(result: dict) -> str:
@@ -138,9 +139,10 @@ def format_comparison(result: dict) -> str:
              "n/a" if q["b_better"] is None else f"{q['b_better']:.0%}"] for sc, q in result["scenarios"].items()]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     seeds = {k: f"{n} seed{'s' if n > 1 else ''}" for k, n in result["seeds"].items()}
-    lines = [f"A = {result['runs']['a']} ({seeds['a']}), B = {result['runs']['b']} ({seeds['b']}); test {main} on the same {result['test_rows']} rows, missing rate "
-             f"{result['missing']['rate']} (missing seed {result['missing']['seed']}); intervals from a paired "
-             f"bootstrap over the test rows ({result['resamples']} resamples)"]
+    lines = [f"A = {result['runs']['a']} ({seeds['a']}), B = {result['runs']['b']} ({seeds['b']}); test {main} on "
+             f"the same {result['test_rows']} rows, missing rate {result['missing']['rate']} (missing seed "
+             f"{result['missing']['seed']}); intervals from a paired bootstrap over the test rows "
+             f"({result['resamples']} resamples)"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
     lines.append("An interval that contains 0 means the test rows cannot tell the two runs apart.")
     return "\n".join(lines)

@@ -258,3 +258,32 @@ def test_the_labeled_fraction_figure_plots_paired_margins(tmp_path):
         paths[-1].write_text(json.dumps(r))
     script.main(str(tmp_path / "fig.png"), [str(p) for p in paths])
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_margins_figure_plots_each_margin_with_its_interval(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "plot_margins", Path(__file__).resolve().parents[1] / "scripts" / "plot_margins.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def cell(value):
+        return {"missing": {"mean": value}}
+
+    def entry(name, fraction, margins):  # margins: setting -> (predict, interval); zero 0.60, mean 0.62
+        return {"name": name, "labeled_fraction": fraction, "train_rate": 0.7,
+                "summary": {s: {"both": {"predict": cell(p), "zero": cell(0.60), "mean": cell(0.62)}}
+                            for s, (p, _) in margins.items()},
+                "intervals": {"margin": {s: {"both": i} for s, (_, i) in margins.items()}}}
+
+    report = {"datasets": [entry("set", 0.1, {"complete": (0.65, [0.01, 0.05]), "missing": (0.63, [-0.01, 0.03])}),
+                           {**entry("syn@1", 1.0, {"complete": (0.70, [0.0, 0.1])}), "group": "syn"}],
+              "over_draws": [{**entry("syn over 2 draws", 1.0, {"complete": (0.64, [0.0, 0.04])}), "group": "syn"}]}
+    rows = script.rows(report)  # the draws of a synthetic cache: their summary only
+    assert [(label, round(m, 3), i) for label, m, i in rows] == [
+        ("set, labels on 0.1: complete, missing-both", 0.03, [0.01, 0.05]),
+        ("set, labels on 0.1: missing 0.7, missing-both", 0.01, [-0.01, 0.03]),
+        ("syn over 2 draws: complete, missing-both", 0.02, [0.0, 0.04])]
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    script.main(str(tmp_path / "fig.png"), [str(tmp_path / "r.json")])
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+    assert "set, labels on 0.1: complete, missing-both: +0.030 [+0.010, +0.050]" in capsys.readouterr().out

@@ -370,6 +370,19 @@ def over_draws(name: str, draws: list[dict]) -> dict:
             "intervals": paired_intervals([_resamples(d, seed=d["draw"]) for d in draws])}
 
 
+def margin_of(by_impute: dict) -> float | None:
+    """Predict - best baseline of one report cell ({impute: stats}): over draws the per-draw margins' mean, else the
+    difference of the seed means; None without predict and a baseline."""
+    if "predict" not in by_impute or len(by_impute) < 2:
+        return None
+    if "margin" in by_impute["predict"]:
+        return by_impute["predict"]["margin"]["mean"]
+    baselines = [q["missing"]["mean"] for i, q in by_impute.items() if i != "predict"]
+    if None in baselines + [by_impute["predict"]["missing"]["mean"]]:
+        return None
+    return by_impute["predict"]["missing"]["mean"] - max(baselines)
+
+
 def acceptance(ds: dict) -> dict:
     """The checks of NEVER_HURTS, SPREAD_FACTOR and PROBE_SLACK on one report entry (a dataset, or a synthetic cache
     over its draws: there the margins are the per-draw ones averaged, and the spread check is skipped, its std
@@ -384,12 +397,8 @@ def acceptance(ds: dict) -> dict:
                 rows.append((f"{setting} missing-{test_type}", by, interval))
     margins = []  # (predict - best baseline, where, predictor r2, interval)
     for where, by, interval in rows:
-        baselines = [q["missing"]["mean"] for i, q in by.items() if i != "predict"]
-        r2 = (by["predict"].get("r2") or {}).get("mean")
-        if "margin" in by["predict"]:
-            margins.append((by["predict"]["margin"]["mean"], where, r2, interval))
-        elif None not in baselines + [by["predict"]["missing"]["mean"]]:
-            margins.append((by["predict"]["missing"]["mean"] - max(baselines), where, r2, interval))
+        if (margin := margin_of(by)) is not None:
+            margins.append((margin, where, (by["predict"].get("r2") or {}).get("mean"), interval))
 
     def check(margin, threshold):
         return {"ok": margin[0] >= threshold, "value": margin[0], "where": margin[1], "interval": margin[3]}
@@ -464,15 +473,12 @@ def format_report(report: dict) -> list[str]:
             for test_type, by_impute in s.get(setting, {}).items():
                 row = [setting if setting == "complete" else f"missing {ds['train_rate']}", f"missing-{test_type}"]
                 row += [_cell(by_impute[i]["missing"]) for i in imputes]
-                baselines = [by_impute[i]["missing"]["mean"] for i in imputes if i != "predict"]
-                ok = "predict" in by_impute and baselines and None not in baselines + [by_impute["predict"]["missing"]["mean"]]
-                if ok and "margin" in by_impute["predict"]:  # over draws: the per-draw margins' mean ± std
-                    margin = by_impute["predict"]["margin"]
-                    row.append(f"{margin['mean']:+.3f} ± {margin['std']:.3f}")
-                else:
-                    row.append(f"{by_impute['predict']['missing']['mean'] - max(baselines):+.3f}" if ok else "")
+                margin = margin_of(by_impute)
+                row.append("" if margin is None else f"{margin:+.3f}")
+                if margin is not None and "margin" in by_impute["predict"]:  # over draws: ± the std over draws
+                    row[-1] += f" ± {by_impute['predict']['margin']['std']:.3f}"
                 interval = ((ds.get("intervals") or {}).get("margin") or {}).get(setting, {}).get(test_type)
-                if ok and interval:
+                if margin is not None and interval:
                     row[-1] += f" {_interval(interval)}"
                 r2 = (by_impute.get("predict") or {}).get("r2")
                 row.append(_num(r2["mean"]) if r2 else "")

@@ -87,3 +87,5 @@ bench-accuracy: $(STAMP)
 		--synthetic synthetic-predictable --test-types both --seeds 0,1,2 --threads 1 --out $(BENCH)/accuracy
 	$(OFFLINE) $(EMBCACHE) bench accuracy --store $(BENCH)/tabler.zarr --labeled-fraction 0.1 \
 		--test-types both --seeds 0,1,2 --threads 1 --out $(BENCH)/accuracy-labels-0.1
+	$(OFFLINE) PYTHONSAFEPATH=1 $(PY) scripts/plot_margins.py $(BENCH)/margins.png $(BENCH)/accuracy/accuracy.json \
+		$(BENCH)/accuracy-labels-0.1/accuracy.json

@@ -13,10 +13,11 @@ from matplotlib.figure import Figure
 from embcache.missing import SCENARIOS
 
 
-def _save(fig: Figure, path: str | Path) -> None:
+def save_figure(fig: Figure, path, dpi: int = 110) -> None:
+    """Lay out `fig` and write it as a PNG to `path` (a file name or an open binary file) on the Agg canvas."""
     FigureCanvasAgg(fig)
     fig.tight_layout()
-    fig.savefig(str(path), dpi=110)
+    fig.savefig(path, dpi=dpi, format="png")
 
 
 def plot_curves(curves: list[dict], metric: str, path: str | Path) -> None:
@@ -36,7 +37,7 @@ def plot_curves(curves: list[dict], metric: str, path: str | Path) -> None:
     selection.plot(epochs, [float("nan") if v is None else v for v in values], marker=".")
     selection.set_xlabel("epoch")
     selection.set_title(f"val {metric} (model selection)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_scenarios(metrics: dict, path: str | Path) -> None:
@@ -56,4 +57,4 @@ def plot_scenarios(metrics: dict, path: str | Path) -> None:
     ax.set_title(f"{metrics['task']}, impute {metrics['impute']}, "
                  f"test missing rate {metrics['missing']['test_rate']}")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)

@@ -87,8 +87,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, store: str | None = No
     missing seed. Both runs must read the same features: `store`, or run A's store, whose fingerprint each run's
     must match."""
     loaded: dict = {}
-    first = next(seed_models(run_a, store, device, loaded))
-    cfg_a, data = first[0], first[3]
+    seeds_a = list(seed_models(run_a, store, device, loaded))
+    cfg_a, data = seeds_a[0][0], seeds_a[0][3]
     rate = cfg_a.test_missing_rate if rate is None else rate
     test = data.splits["test"]
     on = resolve_device(device)  # where load_run put the models
@@ -99,8 +99,9 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, store: str | None = No
     masks = {sc: masks_to(scenario_present(test.ids, test.present, sc, rate, cfg_a.missing_seed), on)
              for sc in SCENARIOS}
     logits: dict = {}  # run -> scenario -> [per seed (labeled rows, outputs)]
-    for name, run in (("a", run_a), ("b", run_b)):
-        for _, _, model, seed_data in seed_models(run, store or cfg_a.store, device, loaded):
+    seeds_b = seed_models(run_b, store or cfg_a.store, device, loaded)  # read lazily, one model at a time
+    for name, run, seeds in (("a", run_a, seeds_a), ("b", run_b, seeds_b)):
+        for _, _, model, seed_data in seeds:
             if not np.array_equal(seed_data.splits["test"].ids, test.ids):
                 raise FitError(f"{run} and {run_a} are not scored on the same test rows")
             tensors = SplitTensors.of(seed_data.splits["test"], data.task_type, on)

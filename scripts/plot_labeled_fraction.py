@@ -32,8 +32,9 @@ def margins(report: dict) -> tuple[str, float, dict[str, tuple[float, float]]]:
 
 
 def main(out: str, paths: list[str]) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from embcache.plots import save_figure
 
     points = sorted(margins(json.load(open(p))) for p in paths)
     names = {name for name, _, _ in points}
@@ -55,9 +56,7 @@ def main(out: str, paths: list[str]) -> None:
     ax.set_ylabel("predict - best of zero, mean")
     ax.set_title(f"{names.pop()}: missing-both at test, mean ± std over seeds", fontsize=10)
     ax.legend(fontsize=8)
-    FigureCanvasAgg(fig)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out, dpi=100)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ def rows(report: dict) -> list[tuple[str, float, list[float]]]:
 
 
 def main(out: str, paths: list[str]) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from embcache.plots import save_figure
 
     points = [row for path in paths for row in rows(json.load(open(path)))]
     if not points:
@@ -54,9 +55,7 @@ def main(out: str, paths: list[str]) -> None:
     ax.set_xlabel("predict - best of zero, mean fill (95 % interval over the test rows)")
     ax.set_ylim(-0.6, len(points) + 0.4)  # an empty slot on top for the legend
     ax.legend(fontsize=8, loc="upper right", ncol=2)
-    FigureCanvasAgg(fig)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out, dpi=100)
 
 
 if __name__ == "__main__":

@@ -511,8 +511,9 @@ def plot_report(report: dict, path: str | Path) -> None:
     """One panel per (dataset, training setting): bars per test scenario for each impute mode, with the
     linear probe's best fill as a marker; error bars are the std over seeds. A synthetic cache run on several
     draws gets one row over its draws (error bars: the std over draws) instead of one per draw."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from embcache.plots import save_figure
 
     grouped = {d["group"] for d in report.get("over_draws", [])}
     datasets = [d for d in report["datasets"] if d.get("group") not in grouped] + report.get("over_draws", [])
@@ -547,9 +548,7 @@ def plot_report(report: dict, path: str | Path) -> None:
                          + f": {setting} training" + ("" if setting == "complete" else f" ({ds['train_rate']})"),
                          fontsize=10)
             ax.legend(fontsize=7, loc="lower right")
-    FigureCanvasAgg(fig)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
+    save_figure(fig, path, dpi=100)
 
 
 def run_bench(stores: list[str], synthetic_names: list[str], base: FitConfig, *, seeds: list[int],

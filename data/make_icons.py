@@ -192,9 +192,10 @@ def package_meta(package: str, expected: str) -> dict:
 
 
 def write_icons(icons: list[dict], package: str, out: str, svg_path, label, drop: dict, banned: frozenset,
-                size: int, skipped: collections.Counter, no_svg: str) -> tuple[list[dict], collections.Counter]:
+                size: int, skipped: collections.Counter, no_svg: str, license_file: str = "LICENSE"
+                ) -> tuple[list[dict], collections.Counter]:
     """Rasterise each icon's SVG (`svg_path(icon)`) into out/images and write out/manifest.jsonl (label
-    `label(icon)`, text by `make_text`) and out/LICENSE. Icons left out are counted in `skipped` (`no_svg`: the
+    `label(icon)`, text by `make_text`) and out/LICENSE (the package's `license_file`). Icons left out are counted in `skipped` (`no_svg`: the
     reason for a missing SVG). Returns (rows, what the texts lost)."""
     images_dir = os.path.join(out, "images")
     if os.path.isdir(images_dir):
@@ -220,7 +221,7 @@ def write_icons(icons: list[dict], package: str, out: str, svg_path, label, drop
     with open(os.path.join(out, "manifest.jsonl"), "w", encoding="utf-8", newline="\n") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    shutil.copyfile(os.path.join(package, "LICENSE"), os.path.join(out, "LICENSE"))
+    shutil.copyfile(os.path.join(package, license_file), os.path.join(out, "LICENSE"))
     counts = collections.Counter(row["split"] for row in rows)
     print(f"{len(rows)} rows, {len(set(r['label'] for r in rows))} classes, "
           f"{dict(sorted(counts.items()))}; skipped {dict(skipped) or 'none'} -> {out}")

@@ -94,11 +94,14 @@ def main(argv=None) -> None:
                                  lambda icon: os.path.join(outline, icon["name"] + ".svg"),
                                  lambda icon: MERGE[icon["category"]], drop, BANNED, args.size, skipped,
                                  "no outline SVG")
-    write_readme(args.out, meta, rows, drop, stripped, skipped)
+    write_readme(args.out, meta, rows, drop, stripped, skipped,
+                 title="Tabler icons: a larger real image + text dataset", script="data/make_tabler.py",
+                 target="tabler", what="style `outline`, classes from the catalog's own categories")
 
 
 def write_readme(out: str, meta: dict, rows: list[dict], drop: dict, stripped: collections.Counter,
-                 skipped: collections.Counter) -> None:
+                 skipped: collections.Counter, title: str, script: str, target: str, what: str) -> None:
+    """out/README.md of a set built by the rules of data/icons but not committed (make `target` rebuilds it)."""
     count = collections.Counter((row["label"], row["split"]) for row in rows)
     classes = sorted({row["label"] for row in rows})
     table = ["| class | train | val | test |", "|---|---:|---:|---:|"]
@@ -107,12 +110,12 @@ def write_readme(out: str, meta: dict, rows: list[dict], drop: dict, stripped: c
     for key, n in stripped.items():
         kinds[key.split(":")[0]] += n
     examples = "\n".join(f"    {json.dumps(row, ensure_ascii=False)}" for row in rows[:: max(1, len(rows) // 5)][:5])
-    text = f"""# Tabler icons: a larger real image + text dataset
+    text = f"""# {title}
 
-Written by `data/make_tabler.py` (`make tabler`) from [`{meta['name']}`](https://www.npmjs.com/package/{meta['name']})
-version **{meta['version']}** ({meta.get('license', '?')} licence, copied to LICENSE): {len(rows)} icons, style
-`outline`, {len(classes)} classes from the catalog's own categories, by the rules of `data/icons` (label words
-and boilerplate tags removed from every text; split from the sha256 of the id). Not committed: rebuild it.
+Written by `{script}` (`make {target}`) from [`{meta['name']}`](https://www.npmjs.com/package/{meta['name']})
+version **{meta['version']}** ({meta.get('license', '?')} licence, copied to LICENSE): {len(rows)} rows, {what}
+({len(classes)}), by the rules of `data/icons` (label words and boilerplate tags removed from every text; split
+from the sha256 of the id). Not committed: rebuild it.
 
 {examples}
 

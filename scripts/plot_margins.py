@@ -4,15 +4,25 @@
 
 Each REPORT.json is what `embcache bench accuracy` wrote (schema 3 or later: the margins' intervals). One line per
 dataset (a synthetic cache: over its draws), training setting and test type: the dot is predict - max(zero, mean),
-the bar its interval from the paired bootstrap over the test rows. The acceptance lines are drawn: 0, the
-"never hurts" allowance below it and the "helps" margin above it. Prints the numbers it plots.
+the bar its interval from the paired bootstrap over the test rows. Where the reports hold two or more real
+datasets (stores, not synthetic caches) with the same labeled fraction, their margins pooled over all their test
+rows come last (`pooled_margins`: a set's weight is its number of test rows). The acceptance lines are drawn: 0,
+the "never hurts" allowance below it and the "helps" margin above it. Prints the numbers it plots.
 """
 from __future__ import annotations
 
 import json
 import sys
 
-from embcache.bench.accuracy import HELPS_MARGIN, NEVER_HURTS, SETTINGS, margin_of
+from embcache.bench.accuracy import HELPS_MARGIN, NEVER_HURTS, SETTINGS, margin_of, pooled_margins
+
+
+def _labels(ds: dict) -> str:
+    return f", labels on {ds['labeled_fraction']:g}" if ds.get("labeled_fraction", 1.0) < 1 else ""
+
+
+def _training(setting: str, train_rate: float) -> str:
+    return "complete" if setting == "complete" else f"missing {train_rate}"
 
 
 def rows(report: dict) -> list[tuple[str, float, list[float]]]:
@@ -21,14 +31,33 @@ def rows(report: dict) -> list[tuple[str, float, list[float]]]:
     entries = [d for d in report["datasets"] if d.get("group") not in grouped] + report.get("over_draws", [])
     out = []
     for ds in entries:
-        labels = f", labels on {ds['labeled_fraction']:g}" if ds.get("labeled_fraction", 1.0) < 1 else ""
         for setting in SETTINGS:
             for test_type, by_impute in ds["summary"].get(setting, {}).items():
                 margin = margin_of(by_impute)
                 interval = ((ds.get("intervals") or {}).get("margin") or {}).get(setting, {}).get(test_type)
                 if margin is not None and interval:
-                    training = "complete" if setting == "complete" else f"missing {ds['train_rate']}"
-                    out.append((f"{ds['name']}{labels}: {training}, missing-{test_type}", margin, interval))
+                    out.append((f"{ds['name']}{_labels(ds)}: {_training(setting, ds['train_rate'])}, "
+                                f"missing-{test_type}", margin, interval))
+    return out
+
+
+def pooled_rows(reports: list[dict]) -> list[tuple[str, float, list[float]]]:
+    """(label, margin, [lo, hi]) of the real datasets' margins pooled over their test rows, per labeled fraction
+    and training rate held by two datasets or more."""
+    groups: dict = {}
+    for report in reports:
+        for ds in report["datasets"]:
+            if "group" not in ds:  # a store, not a draw of a synthetic cache
+                groups.setdefault((ds.get("labeled_fraction", 1.0), ds["train_rate"]), []).append(ds)
+    out = []
+    for (_, train_rate), entries in groups.items():
+        if len(entries) < 2 or (pool := pooled_margins(entries)) is None:
+            continue
+        name = f"pooled: {', '.join(pool['datasets'])} ({pool['rows']} rows){_labels(entries[0])}"
+        for setting in SETTINGS:
+            for test_type, m in pool["margin"].get(setting, {}).items():
+                out.append((f"{name}: {_training(setting, train_rate)}, missing-{test_type}", m["value"],
+                            m["interval"]))
     return out
 
 
@@ -37,7 +66,8 @@ def main(out: str, paths: list[str]) -> None:
 
     from embcache.plots import save_figure
 
-    points = [row for path in paths for row in rows(json.load(open(path)))]
+    reports = [json.load(open(path)) for path in paths]
+    points = [row for report in reports for row in rows(report)] + pooled_rows(reports)
     if not points:
         raise SystemExit("no margins with intervals in these reports (written before schema 3?)")
     fig = Figure(figsize=(8, 0.9 + 0.32 * len(points)))
@@ -52,7 +82,7 @@ def main(out: str, paths: list[str]) -> None:
     ax.axvline(-NEVER_HURTS, color="k", lw=0.8, ls="--", label=f"-{NEVER_HURTS} (never hurts)")
     ax.axvline(HELPS_MARGIN, color="k", lw=0.8, ls=":", label=f"+{HELPS_MARGIN} (helps)")
     ax.set_yticks(range(len(points)), [label for label, _, _ in reversed(points)], fontsize=8)
-    ax.set_xlabel("predict - best of zero, mean fill (95 % interval over the test rows)")
+    ax.set_xlabel("predict - max(zero, mean fill), 95 % interval over the test rows")
     ax.set_ylim(-0.6, len(points) + 0.4)  # an empty slot on top for the legend
     ax.legend(fontsize=8, loc="upper right", ncol=2)
     save_figure(fig, out, dpi=100)

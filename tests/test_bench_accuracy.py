@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from embcache.bench import accuracy as bench_accuracy
-from embcache.bench.accuracy import (_resamples, acceptance, format_acceptance, keep_labels, linear_probe,
+from embcache.bench.accuracy import (_resamples, acceptance, format_acceptance, keep_labels, linear_probe, pooled_margins,
                                      pack_correct, paired_intervals, synthetic_bayes, unpack_correct)
 from embcache.bench.synthetic import bayes_accuracy, make_features
 from embcache.cli.bench_accuracy import accuracy_command
@@ -132,6 +132,28 @@ def test_the_margins_intervals_are_paired_over_the_test_rows():
     assert 0 < lo2 < 4 / n < hi2 < hi
     # runs without per-row results (a main metric other than accuracy) get no interval
     assert paired_intervals([_resamples({"cells": [{"setting": "complete"}], "test_labeled": n})]) is None
+
+
+def test_margins_pool_over_datasets_with_every_test_row_weighing_the_same():
+    rng = np.random.default_rng(1)
+    zero_a, zero_b = rng.integers(0, 2, 300), rng.integers(0, 2, 700)
+    # set a: predict gets 15 more rows right than zero fill (+0.05); set b: 7 fewer (-0.01)
+    predict_a, predict_b = zero_a.copy(), zero_b.copy()
+    predict_a[np.flatnonzero(zero_a == 0)[:15]] = 1
+    predict_b[np.flatnonzero(zero_b == 1)[:7]] = 0
+    a = {**_entry({"predict": predict_a, "zero": zero_a, "mean": zero_a}, 300), "name": "a"}
+    b = {**_entry({"predict": predict_b, "zero": zero_b, "mean": zero_b}, 700), "name": "b"}
+    pool = pooled_margins([a, b])
+    assert pool["rows"] == 1000 and pool["datasets"] == ["a", "b"]
+    margin = pool["margin"]["complete"]["both"]
+    assert margin["value"] == pytest.approx((15 - 7) / 1000)  # not the mean of +0.05 and -0.01 (+0.02)
+    lo, hi = margin["interval"]
+    lo_a, hi_a = paired_intervals([_resamples(a)])["margin"]["complete"]["both"]
+    assert lo < 0.008 < hi and hi - lo < hi_a - lo_a  # more rows, a narrower interval
+    # the trainer's lowest full score against the probe: predict's in b, 7 rows below the probe (zero fill's rows)
+    assert pool["trainer_vs_probe"]["value"] == pytest.approx(-7 / 1000)
+    # a dataset without per-row results (another main metric) cannot be pooled
+    assert pooled_margins([a, {"name": "c", "cells": [{"setting": "complete"}], "test_labeled": 10}]) is None
 
 
 def test_the_bayes_ceiling_is_what_a_logistic_regression_on_many_rows_approaches():
@@ -283,6 +305,12 @@ def test_the_margins_figure_plots_each_margin_with_its_interval(tmp_path, capsys
         ("set, labels on 0.1: complete, missing-both", 0.03, [0.01, 0.05]),
         ("set, labels on 0.1: missing 0.7, missing-both", 0.01, [-0.01, 0.03]),
         ("syn over 2 draws: complete, missing-both", 0.02, [0.0, 0.04])]
+    # two real sets with all labels (one in each report) pool; the synthetic draws and a lone 0.1-labels set do not
+    ones, zeros = np.ones(100, dtype=int), np.zeros(300, dtype=int)
+    real = [{**_entry({"predict": ones, "zero": ones * 0, "mean": ones * 0}, 100), "name": "x", "train_rate": 0.7},
+            {**_entry({"predict": zeros, "zero": zeros, "mean": zeros}, 300), "name": "y", "train_rate": 0.7}]
+    pooled = script.pooled_rows([{"datasets": [real[0]] + report["datasets"]}, {"datasets": [real[1]]}])
+    assert [(label, m) for label, m, _ in pooled] == [("pooled: x, y (400 rows): complete, missing-both", 0.25)]
     (tmp_path / "r.json").write_text(json.dumps(report))
     script.main(str(tmp_path / "fig.png"), [str(tmp_path / "r.json")])
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"

@@ -42,13 +42,16 @@ def rows(report: dict) -> list[tuple[str, float, list[float]]]:
 
 
 def pooled_rows(reports: list[dict]) -> list[tuple[str, float, list[float]]]:
-    """(label, margin, [lo, hi]) of the real datasets' margins pooled over their test rows, per labeled fraction
-    and training rate held by two datasets or more."""
+    """(label, margin, [lo, hi]) of the real datasets' margins pooled over their test rows, per share of labeled
+    training rows (to one decimal: a store whose own data lacks labels, like the demo's, pools with sets that
+    kept as few) and training rate held by two datasets or more."""
     groups: dict = {}
     for report in reports:
         for ds in report["datasets"]:
             if "group" not in ds:  # a store, not a draw of a synthetic cache
-                groups.setdefault((ds.get("labeled_fraction", 1.0), ds["train_rate"]), []).append(ds)
+                train = (ds.get("rows") or {}).get("train")
+                share = round(ds["train_labeled"] / train, 1) if train and "train_labeled" in ds else 1.0
+                groups.setdefault((share, ds["train_rate"]), []).append(ds)
     out = []
     for (_, train_rate), entries in groups.items():
         if len(entries) < 2 or (pool := pooled_margins(entries)) is None:

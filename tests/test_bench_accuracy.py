@@ -292,7 +292,8 @@ def test_the_margins_figure_plots_each_margin_with_its_interval(tmp_path, capsys
         return {"missing": {"mean": value}}
 
     def entry(name, fraction, margins):  # margins: setting -> (predict, interval); zero 0.60, mean 0.62
-        return {"name": name, "labeled_fraction": fraction, "train_rate": 0.7,
+        return {"name": name, "labeled_fraction": fraction, "train_rate": 0.7, "rows": {"train": 100},
+                "train_labeled": round(100 * fraction),
                 "summary": {s: {"both": {"predict": cell(p), "zero": cell(0.60), "mean": cell(0.62)}}
                             for s, (p, _) in margins.items()},
                 "intervals": {"margin": {s: {"both": i} for s, (_, i) in margins.items()}}}
@@ -305,11 +306,13 @@ def test_the_margins_figure_plots_each_margin_with_its_interval(tmp_path, capsys
         ("set, labels on 0.1: complete, missing-both", 0.03, [0.01, 0.05]),
         ("set, labels on 0.1: missing 0.7, missing-both", 0.01, [-0.01, 0.03]),
         ("syn over 2 draws: complete, missing-both", 0.02, [0.0, 0.04])]
-    # two real sets with all labels (one in each report) pool; the synthetic draws and a lone 0.1-labels set do not
+    # two real sets with all labels (one in each report) pool; the synthetic draws and a lone 0.1-labels set do not,
+    # nor a store whose own data is labeled on a fifth of its training rows
     ones, zeros = np.ones(100, dtype=int), np.zeros(300, dtype=int)
     real = [{**_entry({"predict": ones, "zero": ones * 0, "mean": ones * 0}, 100), "name": "x", "train_rate": 0.7},
             {**_entry({"predict": zeros, "zero": zeros, "mean": zeros}, 300), "name": "y", "train_rate": 0.7}]
-    pooled = script.pooled_rows([{"datasets": [real[0]] + report["datasets"]}, {"datasets": [real[1]]}])
+    few = {**real[1], "name": "z", "rows": {"train": 50}, "train_labeled": 10}
+    pooled = script.pooled_rows([{"datasets": [real[0]] + report["datasets"]}, {"datasets": [real[1], few]}])
     assert [(label, m) for label, m, _ in pooled] == [("pooled: x, y (400 rows): complete, missing-both", 0.25)]
     (tmp_path / "r.json").write_text(json.dumps(report))
     script.main(str(tmp_path / "fig.png"), [str(tmp_path / "r.json")])

@@ -7,8 +7,8 @@ import click
 
 from embcache.cli.common import protocol_options, user_errors
 from embcache.kernels import BACKENDS, FP32_PRECISIONS
-from embcache.config import (IMPUTE_MODES, MEAN_FALLBACKS, PREDICTOR_TRAINING, PREDICTORS, SELECTIONS, SHUFFLES,
-                              FitConfig)
+from embcache.config import (DISTILLS, IMPUTE_MODES, MEAN_FALLBACKS, PREDICTOR_TRAINING, PREDICTORS, SELECTIONS,
+                              SHUFFLES, FitConfig)
 
 D = FitConfig()  # defaults shown in --help come from the config dataclass, the single source
 
@@ -67,6 +67,9 @@ RATE = click.FloatRange(0.0, 1.0)
               help="Scale predictions towards the train mean by their least-squares factor on val pairs.")
 @click.option("--substitute", type=click.FloatRange(0, 1), default=D.substitute, show_default=True,
               help="Probability that a training row with both modalities gets one replaced by its stand-in.")
+@click.option("--distill", type=click.Choice(DISTILLS), default=D.distill, show_default=True,
+              help="Substituted rows also learn the classifier's answer on the real pair, labeled or not "
+                   "(auto: on when most training pairs have no label).")
 @click.option("--indicators/--no-indicators", default=D.indicators, show_default=True,
               help="Give the classifier the two presence bits (real embedding or stand-in).")
 @click.option("--mean-fallback", type=click.Choice(MEAN_FALLBACKS), default=D.mean_fallback, show_default=True,

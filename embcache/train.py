@@ -128,6 +128,7 @@ def prepare(data: FeatureSet, cfg: FitConfig, device: torch.device, ranks: Ranks
     else:
         mean = {m: torch.as_tensor(split.emb[m][has[m]].mean(0), device=device) for m in MODALITIES}
         std = {m: scale_of(split.emb[m][has[m]], device) for m in MODALITIES}
+    labeled_pairs = int((labeled(data.task_type, split.labels) & paired).sum())
     val = data.splits["val"]
     scenario = scenario_of(cfg.test_missing_type, cfg.test_missing_rate)
     val_has = scenario_present(val.ids, val.present, scenario, cfg.test_missing_rate, cfg.missing_seed)
@@ -136,8 +137,10 @@ def prepare(data: FeatureSet, cfg: FitConfig, device: torch.device, ranks: Ranks
         "dims": data.dims, "n_outputs": data.n_outputs, "task": data.task_type, "classes": data.classes,
         "fingerprint": data.fingerprint, "sources": data.sources, "selection_scenario": scenario,
         "encoders": data.encoders,  # the training store's full encoder attrs (what `export` bundles)
+        "distill": cfg.distill == "on" or (cfg.distill == "auto" and 2 * labeled_pairs < n_paired),
         "rows": {"train": n_rows, "train_paired": n_paired, "train_without_modality": int((~usable).sum()),
                  "train_labeled": int(labeled(data.task_type, split.labels).sum()),
+                 "train_paired_labeled": labeled_pairs,
                  "val": len(val), "test": len(data.splits["test"])},
         **resolve_predictors(data, cfg),  # --predictor prompts: which direction uses which
         "data": {"streaming": data.streamed, "shuffle": order, "processes": ranks.world,
@@ -260,14 +263,32 @@ def batch_loss(net, model: FusionModel, prep: Prepared, idx: torch.Tensor, n_pai
     if staged and "out_of_fold" in staged:
         rows = staged["paired_position"][idx[:n_paired]]
         first = {name: pred[rows] for name, pred in staged["out_of_fold"].items()}
-    out = net(x, {m: prep.has[m][idx] for m in MODALITIES}, hide, first)
+    has = {m: prep.has[m][idx] for m in MODALITIES}
+    out = net(x, has, hide, first)
     task = task_loss(task_type, out.logits, prep.train.y[idx])
+    if prep.resolved["distill"] and hide is not None:
+        task = task + distill_loss(net, x, has, first, hide, out.logits, task_type)
     if cfg.impute == "predict" and cfg.predictor_training == "joint":
         vicreg = model.vicreg(out, n_paired)
     else:  # staged: the predictors trained before (`train_predictors`) and are frozen
         vicreg = torch.zeros((), device=task.device)
     loss = task + cfg.alpha * vicreg
     return loss, torch.stack([loss, task, vicreg]).detach()
+
+
+def distill_loss(net, x: dict[str, torch.Tensor], has: dict[str, torch.Tensor], first, hide: dict[str, torch.Tensor],
+                 logits: torch.Tensor, task_type: str) -> torch.Tensor:
+    """Soft cross-entropy of the substituted rows' logits against the same rows' logits with both real modalities
+    (the teacher, no gradient): a stand-in row learns what the real pair would answer, labeled or not."""
+    rows = hide["image"] | hide["text"]
+    with torch.no_grad():
+        teacher = net(x, has, None, first).logits[rows]
+    student = logits[rows]
+    if task_type == "multilabel":
+        per_row = F.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher), reduction="none").mean(1)
+    else:
+        per_row = -(teacher.softmax(1) * student.log_softmax(1)).sum(1)
+    return per_row.sum() / len(logits)
 
 
 def make_model(data: FeatureSet, prep: Prepared, cfg: FitConfig, report: dict | None = None,

@@ -8,7 +8,7 @@ import torch
 
 from embcache import train as train_module
 from embcache.bench import synthetic
-from embcache.bench.accuracy import linear_probe, run_cell
+from embcache.bench.accuracy import keep_labels, linear_probe, run_cell
 from embcache.config import LEGACY_SETTINGS, FitConfig
 from embcache.data import dataset_from_features
 from embcache.evaluate import predict_logits
@@ -164,6 +164,34 @@ def test_out_of_fold_predictions_are_as_good_as_new_rows():
         oof = staged["out_of_fold"][name][staged["paired_position"][prep.paired]]
         assert r2_score(pred, target) > r2_score(oof, target) + 0.1, name  # the full predictor over-fits
         assert r2_score(oof, target) > 0.2
+
+
+def test_distillation_is_soft_cross_entropy_towards_the_real_pairs_answer():
+    dims, n = {"image": 6, "text": 4}, 8
+    model = FusionModel(dims, 3, FitConfig(impute="zero", linear_head=False, input_dropout=0.0,
+                                           classifier_dropout=0.0))
+    x = {m: torch.randn(n, d, requires_grad=True) for m, d in dims.items()}
+    has = {m: torch.ones(n, dtype=torch.bool) for m in dims}
+    hide = {"image": torch.arange(n) < 2, "text": (torch.arange(n) >= 2) & (torch.arange(n) < 5)}
+    logits = model(x, has, hide).logits
+    loss = train_module.distill_loss(model, x, has, None, hide, logits, "multiclass")
+    with torch.no_grad():
+        teacher = model(x, has).logits[:5].softmax(1)
+    assert loss.item() == pytest.approx(-(teacher * logits[:5].log_softmax(1)).sum().item() / n, rel=1e-5)
+    loss.backward()
+    # the teacher (the real pair) gets no gradient: rows whose text is hidden never pass gradient to their text
+    assert torch.equal(x["text"].grad[2:5], torch.zeros(3, 4)) and x["text"].grad[:2].abs().sum() > 0
+    assert torch.equal(x["image"].grad[5:], torch.zeros(3, 6))  # rows not substituted are not distilled
+
+
+def test_distillation_is_on_where_most_pairs_have_no_label(predictable):
+    device = torch.device("cpu")
+    cfg = FitConfig(impute="zero", train_missing_rate=0.0)
+    assert prepare(predictable, cfg, device).resolved["distill"] is False
+    few = prepare(keep_labels(predictable, 0.1, 0), cfg, device)
+    assert few.resolved["distill"] is True and 2 * few.resolved["rows"]["train_paired_labeled"] < 600
+    assert prepare(predictable, replace(cfg, distill="on"), device).resolved["distill"] is True
+    assert prepare(keep_labels(predictable, 0.1, 0), replace(cfg, distill="off"), device).resolved["distill"] is False
 
 
 def test_selection_by_loss_keeps_the_lowest_val_loss_epoch(predictable):

@@ -791,6 +791,9 @@ def _fit(cfg: FitConfig, out: Path, seeds: list[int], progress: bool, device: to
     rows = prep.resolved["rows"]
     say(f"training rows after the protocol: {rows['train']:,}, of which {rows['train_paired']:,} with both modalities "
         f"(what the predictors learn from) and {rows['train_labeled']:,} labeled (what the classifiers learn from)")
+    if prep.resolved["distill"]:
+        say(f"distillation on: {rows['train_paired'] - rows['train_paired_labeled']:,} unlabeled pairs teach the "
+            f"classifier's stand-in rows too (--distill {cfg.distill})")
     if cfg.impute == "predict":  # pays the Triton self-check (CUDA) before training, and says what runs
         backend = vicreg_kernels.resolve_backend(device, torch.float32, cfg.vicreg_precision, cfg.vicreg_backend)
         prep.resolved["vicreg_backend"] = {"requested": cfg.vicreg_backend, "used": backend,

@@ -87,7 +87,7 @@ openmoji: $(STAMP)
 # labels on 10 % of their training rows (BENCHMARKS.md "Accuracy"); ends with the margins figure, the real sets'
 # margins pooled over their test rows last. The features are extracted once into $(BENCH)/<set>.zarr. By the
 # reports' own timing, one core each: icons 5 min, synthetic 4 min, tabler 14 min, openmoji 4 min; with 10 %
-# labels tabler 6 min, openmoji (measured in the same way) below.
+# labels (distillation on) tabler 9 min, openmoji 4 min.
 .PHONY: bench-accuracy
 bench-accuracy: $(STAMP)
 	test -d $(BENCH)/icons.zarr || $(OFFLINE) $(EMBCACHE) extract --dataset manifest --root data/icons/manifest.jsonl \

@@ -73,7 +73,7 @@ def main(out: str, paths: list[str]) -> None:
     points = [row for report in reports for row in rows(report)] + pooled_rows(reports)
     if not points:
         raise SystemExit("no margins with intervals in these reports (written before schema 3?)")
-    fig = Figure(figsize=(8, 0.9 + 0.32 * len(points)))
+    fig = Figure(figsize=(10, 0.9 + 0.32 * len(points)))
     ax = fig.subplots()
     for y, (label, margin, (lo, hi)) in enumerate(reversed(points)):
         colour = "tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray"

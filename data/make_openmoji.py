@@ -22,7 +22,7 @@ skin-tone variants (a variant is its base emoji recoloured: near-copies across t
 
 Output: ``images/<id>.png`` (96x96 RGBA, transparent background), ``manifest.jsonl`` (``id, image, text, label,
 split``; id = the annotation as a slug, e.g. ``red-apple``), ``LICENSE`` and ``README.md`` (counts, measured).
-Not committed (about 4 MB of images; CC BY-SA): rebuild it with ``make openmoji``.
+Not committed (5.6 MB of images; CC BY-SA): rebuild it with ``make openmoji``.
 """
 from __future__ import annotations
 

@@ -195,8 +195,8 @@ def write_icons(icons: list[dict], package: str, out: str, svg_path, label, drop
                 size: int, skipped: collections.Counter, no_svg: str, license_file: str = "LICENSE"
                 ) -> tuple[list[dict], collections.Counter]:
     """Rasterise each icon's SVG (`svg_path(icon)`) into out/images and write out/manifest.jsonl (label
-    `label(icon)`, text by `make_text`) and out/LICENSE (the package's `license_file`). Icons left out are counted in `skipped` (`no_svg`: the
-    reason for a missing SVG). Returns (rows, what the texts lost)."""
+    `label(icon)`, text by `make_text`) and out/LICENSE (the package's `license_file`). Icons left out are counted
+    in `skipped` (`no_svg`: the reason for a missing SVG). Returns (rows, what the texts lost)."""
     images_dir = os.path.join(out, "images")
     if os.path.isdir(images_dir):
         shutil.rmtree(images_dir)

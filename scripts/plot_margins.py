@@ -5,8 +5,8 @@
 Each REPORT.json is what `embcache bench accuracy` wrote (schema 3 or later: the margins' intervals). One line per
 dataset (a synthetic cache: over its draws), training setting and test type: the dot is predict - max(zero, mean),
 the bar its interval from the paired bootstrap over the test rows. Where the reports hold two or more real
-datasets (stores, not synthetic caches) with the same labeled fraction, their margins pooled over all their test
-rows come last (`pooled_margins`: a set's weight is its number of test rows). The acceptance lines are drawn: 0,
+datasets (stores, not synthetic caches) with the same share of labeled training rows and training rate, their
+margins pooled over all their test rows come last (`pooled_rows`). The acceptance lines are drawn: 0,
 the "never hurts" allowance below it and the "helps" margin above it. Prints the numbers it plots.
 """
 from __future__ import annotations

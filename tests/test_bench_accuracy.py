@@ -9,8 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from embcache.bench import accuracy as bench_accuracy
-from embcache.bench.accuracy import (_resamples, acceptance, format_acceptance, keep_labels, linear_probe, pooled_margins,
-                                     pack_correct, paired_intervals, synthetic_bayes, unpack_correct)
+from embcache.bench.accuracy import (_resamples, acceptance, format_acceptance, keep_labels, linear_probe,
+                                     pack_correct, paired_intervals, pooled_margins, synthetic_bayes, unpack_correct)
 from embcache.bench.synthetic import bayes_accuracy, make_features
 from embcache.cli.bench_accuracy import accuracy_command
 from embcache.config import FitError

@@ -231,18 +231,20 @@ def accumulated_fit(store, cfg, world):
     return best_state, best_epoch
 
 
-def test_two_processes_ddp(store, tmp_path):
+@pytest.mark.parametrize("distill", ["off", "on"])
+def test_two_processes_ddp(store, tmp_path, distill):
     """torchrun-style: 2 CPU processes over gloo, streaming. Rank 0 writes the run, rank 1 nothing.
 
     Each process runs half of every epoch's batches and DDP averages the gradients, so an optimizer step sees
     2 batches (VICReg's statistics per batch, as in one process): the weights equal those of one process that
     accumulates the gradients of the same 2 batches per step (`accumulated_fit`). Processes that did not
-    average their gradients (each stepping on its own batches) would not.
+    average their gradients (each stepping on its own batches) would not. With distillation each step also runs
+    the wrapped model once more without gradient (the real pairs' answers).
     """
     # --mean-fallback off: the reference below replays one training loop; the mean-fill model that the fallback
     # trains first runs the same loop (and `choose_fallback` only scores val on rank 0)
     args = [sys.executable, "-m", "embcache.cli", "fit", store, "--out", str(tmp_path / "ddp"), "--stream",
-            "--mean-fallback", "off", *SMALL_ARGS]
+            "--mean-fallback", "off", "--distill", distill, *SMALL_ARGS]
     outputs = run_two_ranks(args)
     assert "wrote" in outputs[0] and "wrote" not in outputs[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # nothing else, no temp folders left
@@ -250,8 +252,12 @@ def test_two_processes_ddp(store, tmp_path):
     resolved = json.loads((tmp_path / "ddp" / "config.json").read_text())["resolved"]
     assert resolved["data"]["processes"] == 2 and resolved["data"]["streaming"]
     assert resolved["steps_per_epoch"] % 2 == 0 and resolved["steps_per_epoch"] >= 4
-    expected, best_epoch = accumulated_fit(store, FitConfig(store=store, stream=True, mean_fallback="off", **SMALL),
-                                           world=2)
+    assert resolved["distill"] == (distill == "on")
+    cfg = FitConfig(store=store, stream=True, mean_fallback="off", distill=distill, **SMALL)
+    expected, best_epoch = accumulated_fit(store, cfg, world=2)
+    if distill == "on":  # the distillation term changes the training: the reference without it differs
+        without, _ = accumulated_fit(store, replace(cfg, distill="off"), world=2)
+        assert any(not torch.allclose(without[k], expected[k]) for k in expected)
     got = load_file(str(tmp_path / "ddp" / "model.safetensors"))
     assert got.keys() == expected.keys() and resolved["selection"]["best_epoch"] == best_epoch
     for k in got:

@@ -56,31 +56,30 @@ clean:
 ICONS_PKG ?= @phosphor-icons/core@2.1.1
 CAIROSVG  ?= cairosvg==2.9.1
 .PHONY: icons
-icons: $(STAMP)
+# $(call build_set,NPM_PACKAGE@VERSION,SCRIPT,OUT): cairosvg into the venv, the package unpacked into a temporary
+# folder, SCRIPT run on it.
+define build_set
 	$(PY) -m pip install --quiet --disable-pip-version-check '$(CAIROSVG)'
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-		(cd "$$tmp" && npm pack --silent '$(ICONS_PKG)' >/dev/null && tar xzf *.tgz) && \
-		$(PY) data/make_icons.py "$$tmp/package" --out data/icons
+		(cd "$$tmp" && npm pack --silent '$(1)' >/dev/null && tar xzf *.tgz) && \
+		$(PY) $(2) "$$tmp/package" --out $(3)
+endef
+icons: $(STAMP)
+	$(call build_set,$(ICONS_PKG),data/make_icons.py,data/icons)
 
 # A larger real set for the accuracy benchmark (~4,450 Tabler icons, 23 classes), by the rules of data/icons,
 # built into $(BENCH)/tabler (not committed): see data/make_tabler.py.
 TABLER_PKG ?= @tabler/icons@3.35.0
 .PHONY: tabler
 tabler: $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check '$(CAIROSVG)'
-	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-		(cd "$$tmp" && npm pack --silent '$(TABLER_PKG)' >/dev/null && tar xzf *.tgz) && \
-		$(PY) data/make_tabler.py "$$tmp/package" --out $(BENCH)/tabler
+	$(call build_set,$(TABLER_PKG),data/make_tabler.py,$(BENCH)/tabler)
 
 # A real set whose modalities describe the same thing (~1,900 OpenMoji colour emoji, 9 Unicode groups), by the
 # rules of data/icons, built into $(BENCH)/openmoji (not committed: CC BY-SA): see data/make_openmoji.py.
 OPENMOJI_PKG ?= openmoji@17.0.0
 .PHONY: openmoji
 openmoji: $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check '$(CAIROSVG)'
-	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-		(cd "$$tmp" && npm pack --silent '$(OPENMOJI_PKG)' >/dev/null && tar xzf *.tgz) && \
-		$(PY) data/make_openmoji.py "$$tmp/package" --out $(BENCH)/openmoji
+	$(call build_set,$(OPENMOJI_PKG),data/make_openmoji.py,$(BENCH)/openmoji)
 
 # Issue 11's accuracy benchmark: predict vs zero vs mean fill on the three real sets (data/icons; tabler and
 # openmoji, built by `make tabler` / `make openmoji`), a predictable synthetic cache, and tabler and openmoji with

@@ -228,12 +228,19 @@ def write_icons(icons: list[dict], package: str, out: str, svg_path, label, drop
     return rows, stripped
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(doc: str, out: str | None = None) -> argparse.ArgumentParser:
+    """The command line every set builder in data/ shares: the unpacked package, --out (required unless `out`
+    gives a default), --size; a builder adds its own options."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("package", help="unpacked npm package folder (the one holding package.json)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "icons"))
-    ap.add_argument("--style", default="regular", help="regular, thin, light, bold, fill or duotone")
+    ap.add_argument("--out", default=out, required=out is None)
     ap.add_argument("--size", type=int, default=96, help="PNG width and height in pixels")
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = arguments(__doc__, out=os.path.join(os.path.dirname(os.path.abspath(__file__)), "icons"))
+    ap.add_argument("--style", default="regular", help="regular, thin, light, bold, fill or duotone")
     args = ap.parse_args(argv)
 
     meta = package_meta(args.package, PACKAGE)

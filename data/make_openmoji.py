@@ -27,7 +27,6 @@ Not committed (5.6 MB of images; CC BY-SA): rebuild it with ``make openmoji``.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -35,7 +34,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_icons import boilerplate_tags, package_meta, write_icons  # noqa: E402
+from make_icons import arguments, boilerplate_tags, package_meta, write_icons  # noqa: E402
 from make_tabler import write_readme  # noqa: E402
 
 PACKAGE = "openmoji"
@@ -77,11 +76,7 @@ def catalog(package: str) -> tuple[list[dict], collections.Counter]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("package", help="unpacked npm package folder (the one holding package.json)")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--size", type=int, default=96, help="PNG width and height in pixels")
-    args = ap.parse_args(argv)
+    args = arguments(__doc__).parse_args(argv)
 
     meta = package_meta(args.package, PACKAGE)
     icons, skipped = catalog(args.package)

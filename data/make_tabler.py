@@ -17,14 +17,13 @@ committed (about 5 MB of images, against the repository's size budget): rebuild 
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_icons import boilerplate_tags, package_meta, write_icons  # noqa: E402
+from make_icons import arguments, boilerplate_tags, package_meta, write_icons  # noqa: E402
 
 PACKAGE = "@tabler/icons"
 
@@ -71,11 +70,7 @@ BANNED = frozenset("""
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("package", help="unpacked npm package folder (the one holding package.json)")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--size", type=int, default=96, help="PNG width and height in pixels")
-    args = ap.parse_args(argv)
+    args = arguments(__doc__).parse_args(argv)
 
     meta = package_meta(args.package, PACKAGE)
     with open(os.path.join(args.package, "icons.json"), encoding="utf-8") as f:

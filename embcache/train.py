@@ -128,7 +128,8 @@ def prepare(data: FeatureSet, cfg: FitConfig, device: torch.device, ranks: Ranks
     else:
         mean = {m: torch.as_tensor(split.emb[m][has[m]].mean(0), device=device) for m in MODALITIES}
         std = {m: scale_of(split.emb[m][has[m]], device) for m in MODALITIES}
-    labeled_pairs = int((labeled(data.task_type, split.labels) & paired).sum())
+    is_labeled = labeled(data.task_type, split.labels)
+    labeled_pairs = int((is_labeled & paired).sum())
     val = data.splits["val"]
     scenario = scenario_of(cfg.test_missing_type, cfg.test_missing_rate)
     val_has = scenario_present(val.ids, val.present, scenario, cfg.test_missing_rate, cfg.missing_seed)
@@ -139,7 +140,7 @@ def prepare(data: FeatureSet, cfg: FitConfig, device: torch.device, ranks: Ranks
         "encoders": data.encoders,  # the training store's full encoder attrs (what `export` bundles)
         "distill": cfg.distill == "on" or (cfg.distill == "auto" and 2 * labeled_pairs < n_paired),
         "rows": {"train": n_rows, "train_paired": n_paired, "train_without_modality": int((~usable).sum()),
-                 "train_labeled": int(labeled(data.task_type, split.labels).sum()),
+                 "train_labeled": int(is_labeled.sum()),
                  "train_paired_labeled": labeled_pairs,
                  "val": len(val), "test": len(data.splits["test"])},
         **resolve_predictors(data, cfg),  # --predictor prompts: which direction uses which

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from embcache import datasets as ds
@@ -32,7 +31,7 @@ from embcache.errors import EmbcacheError
 from embcache.extract import Collate, SampleSource
 from embcache.metrics import MAIN_METRIC, task_loss, task_metrics
 from embcache.missing import MODALITIES, apply_missing, scenario_of, scenario_present
-from embcache.runtime import resolve_device, staged_file
+from embcache.runtime import resolve_device, save_safetensors, staged_file
 
 
 FORMAT = "embcache.bitfit/1"
@@ -286,7 +285,7 @@ def write_bitfit(path: str, best: dict, encoder: Encoder, cfg: TuneConfig, datas
                 "val_metric": json.dumps(best["val"]), "biases_tuned": json.dumps(cfg.tune_biases),
                 "missing_protocol": json.dumps(protocol(cfg)), "rows": json.dumps(rows)}
     with staged_file(path) as tmp:  # a reader never sees a half-written file
-        save_file(tensors, tmp, metadata=metadata)
+        save_safetensors(tensors, tmp, metadata)
 
 
 def tune(cfg: TuneConfig, progress: bool = True, log=print) -> TuneReport:

@@ -276,6 +276,16 @@ def test_resume_continues_from_the_saved_epoch_and_matches_a_straight_run(bert_d
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_finished_tuning_run_again_rewrites_the_same_bytes(bert_dir, tmp_path):
+    """Its sha256 is in the fingerprint of every store extracted with it: a rerun that resumes a finished state
+    must not change it (safetensors alone writes the metadata in a different order each time)."""
+    cfg = text_config(bert_dir, tmp_path / "t.safetensors", epochs=1)
+    first = open(tune(cfg, **QUIET).out, "rb").read()
+    for _ in range(3):
+        again = tune(cfg, **QUIET)
+        assert again.start_epoch == 1 and open(again.out, "rb").read() == first
+
+
 def test_a_state_made_with_other_arguments_is_not_resumed(bert_dir, tmp_path):
     out = tmp_path / "r.safetensors"
     tune(text_config(bert_dir, out, epochs=1), **QUIET)

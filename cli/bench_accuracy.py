@@ -95,13 +95,18 @@ def _test_types(ctx, param, value: str) -> tuple[str, ...]:
               help="With --dataset: extraction batch size (default: 64 on CPU, 256 on GPU).")
 @click.option("--workers", type=click.IntRange(0), default=2, show_default=True,
               help="With --dataset: extraction loader processes (decode, tokenize); 0 = in the main process.")
+@click.option("--tune-epochs", type=click.IntRange(0), default=0, show_default=True,
+              help="With --dataset: BitFit-tune both encoders for this many epochs before extracting, as the paper "
+                   "adapts them: once per training protocol, on the training rows it keeps (complete: all; "
+                   "missing: per test type), one store each. 0: the encoders as given.")
 @click.option("--overwrite", is_flag=True, help="With --dataset: re-extract even where the cache has the store.")
 @click.option("--out", default="bench-accuracy", show_default=True, type=click.Path(file_okay=False),
               help="Folder for accuracy.json, accuracy.txt and accuracy.png (with --dataset: paper.md, paper.json).")
 @user_errors
 def accuracy_command(datasets, roots, stores, synthetic_names, draws, seeds, test_types, test_rate, train_rate,
                      labeled_fraction, missing_seed, epochs,
-                     fit_options, device, threads, cache, batch_size, workers, overwrite, out, **encoders):
+                     fit_options, device, threads, cache, batch_size, workers, tune_epochs, overwrite, out,
+                     **encoders):
     """Predict vs zero vs mean fill, in complete and missing training.
 
     With --store / --synthetic: against a linear probe, on feature stores or synthetic caches. With --dataset NAME
@@ -115,6 +120,9 @@ def accuracy_command(datasets, roots, stores, synthetic_names, draws, seeds, tes
         torch.set_num_threads(threads)
     base = FitConfig(**{**dict(epochs=epochs, device=device, missing_seed=missing_seed), **fit_options})
     log = lambda m: click.echo(m, err=True)  # noqa: E731
+    if tune_epochs and not (datasets or roots):
+        raise click.ClickException("--tune-epochs applies to --dataset (it tunes the encoders before extracting); "
+                                   "a --store is extracted already")
     if datasets or roots:
         from embcache.bench.paper import pair_sources, run_paper
 
@@ -126,7 +134,7 @@ def accuracy_command(datasets, roots, stores, synthetic_names, draws, seeds, tes
         report = run_paper(pairs, base, seeds=seeds, encoders=encoders, cache=cache, out=out, test_rate=test_rate,
                            test_types=test_types,
                            train_rate=train_rate, batch_size=batch_size, workers=workers, overwrite=overwrite,
-                           log=log)
+                           tune_epochs=tune_epochs, log=log)
         click.echo("\n".join(report["markdown"]))
         click.echo(f"wrote {out}/paper.md, paper.json")
         return

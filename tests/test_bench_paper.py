@@ -4,8 +4,13 @@ import os
 
 import pytest
 from click.testing import CliRunner
+from safetensors import safe_open
 
+from embcache.bench import synthetic
+from embcache.bench.accuracy import run_dataset
 from embcache.bench.paper import PaperError, dataset_scores, format_markdown, pair_sources
+from embcache.config import FitConfig
+from embcache.data import dataset_from_features, load_dataset
 from embcache.cli.main import main as cli
 from tiny_encoders import tiny_extract_options
 
@@ -27,6 +32,11 @@ def encoder_args(tmp_path_factory):
 
 def sources(*names):
     return [arg for name in names for arg in ("--dataset", name, "--root", os.path.join(FIXTURES, name))]
+
+
+def metadata(path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.metadata()
 
 
 def store_files(store):
@@ -101,6 +111,56 @@ def test_paper_grid_on_the_three_fixtures_then_reuses_the_cache(tmp_path, encode
     assert "(reused)" in (out2 / "paper.md").read_text()
 
 
+def test_tune_epochs_tunes_both_encoders_once_per_training_protocol(tmp_path, encoder_args):
+    """--tune-epochs: the complete protocol's encoders tune on every training row, the missing protocol's only on
+    the rows it keeps; each protocol's runs use its own store; a second run reuses every tuning and store."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    args = ["bench", "accuracy", *sources("food101"), *encoder_args, *FAST, "--seeds", "0", "--test-types", "both",
+            "--tune-epochs", "1", "--cache", str(cache), "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = json.loads((out / "paper.json").read_text())
+    (ds,) = report["datasets"]
+    assert report["tune_epochs"] == 1 and list(ds["stores"]) == ["complete both", "missing both"]
+    complete, missing = ds["stores"]["complete both"], ds["stores"]["missing both"]
+    assert complete != missing and ds["store"] == complete and os.path.isdir(missing)
+    attrs = {key: load_dataset(path).encoders for key, path in ds["stores"].items()}
+    rows = {}
+    for key, encoders in attrs.items():
+        for modality in ("image", "text"):
+            meta = metadata(encoders[modality]["bitfit"])
+            protocol = json.loads(meta["missing_protocol"])
+            rows[key, modality] = json.loads(meta["rows"])["train"]
+            assert protocol["train_missing_rate"] == (0.0 if key == "complete both" else 0.7)
+    for modality in ("image", "text"):  # the missing protocol hides rows from the encoders it tunes
+        assert rows["missing both", modality] < rows["complete both", modality]
+    assert "encoders BitFit-tuned (1 epochs) per training protocol" in (out / "paper.md").read_text()
+
+    again = CliRunner().invoke(cli, args[:-1] + [str(tmp_path / "out2")])
+    assert again.exit_code == 0, again.output + repr(again.exception)
+    assert again.output.count("reusing the finished store") == 2 and "extracted" not in again.output
+    assert "epoch 1 of 1 done" in again.output  # the tunings resumed from their finished state
+    second = json.loads((tmp_path / "out2" / "paper.json").read_text())
+    assert second["datasets"][0]["scores"] == ds["scores"]
+
+
+def test_runs_of_a_protocol_use_its_own_features():
+    """run_dataset's data_for: the (setting, test type) it names trains and tests on those features; the others,
+    and the probe, on the dataset's own."""
+    shape = dict(n_train=200, n_val=80, n_test=80, d_image=8, d_text=6, n_classes=3, task_type="multiclass",
+                 shared_dim=3, private_dim=2, noise=0.3)
+    data = dataset_from_features(synthetic.make_features(**shape, seed=0), "synthetic:a")
+    other = dataset_from_features(synthetic.make_features(**shape, seed=1), "synthetic:b")
+    base = FitConfig(device="cpu", epochs=2, predictor_epochs=2, predictor_hidden=16, classifier_hidden=16)
+    kwargs = dict(seeds=[0], imputes=("zero",), test_types=("both",), log=lambda m: None)
+    plain = run_dataset("a", data, base, **kwargs)
+    routed = run_dataset("a", data, base, data_for={("missing", "both"): other}, **kwargs)
+    alone = run_dataset("b", other, base, **kwargs)
+    by = lambda entry, setting: next(c for c in entry["cells"] if c["setting"] == setting)["test"]  # noqa: E731
+    assert by(routed, "complete") == by(plain, "complete") and by(routed, "missing") == by(alone, "missing")
+    assert by(routed, "missing") != by(plain, "missing") and routed["probe"] == plain["probe"]
+
+
 def test_cells_are_mean_and_std_over_seeds_of_every_metric():
     def cell(setting, test_type, impute, seed, value):
         scenarios = ("full", "missing-both", "missing-image", "missing-text")
@@ -139,6 +199,9 @@ def test_cells_are_mean_and_std_over_seeds_of_every_metric():
      "cannot be combined"),
     (["--dataset", "mmimdb", "--root", os.path.join(FIXTURES, "mmimdb"), "--fit-option", "imputee=zero"],
      "not a fit setting"),
+    (["--dataset", "food101", "--root", os.path.join(FIXTURES, "food101"), "--tune-epochs", "1",
+      "--text-bitfit", __file__], "--tune-epochs tunes the encoders itself"),
+    (["--store", "features.zarr", "--tune-epochs", "1"], "--tune-epochs applies to --dataset"),
 ])
 def test_bad_requests_fail_cleanly_before_any_work(tmp_path, args, message):
     result = CliRunner().invoke(cli, ["bench", "accuracy", *args, "--cache", str(tmp_path / "c"),

@@ -237,7 +237,12 @@ def unpack_correct(packed: str, n: int) -> np.ndarray:
 
 def run_dataset(name: str, data: FeatureSet, base: FitConfig, *, seeds: list[int], imputes=IMPUTE_MODES,
                 test_types=MISSING_TYPES, test_rate: float = 0.7, train_rate: float = 0.7,
-                labeled_fraction: float = 1.0, log=print) -> dict:
+                labeled_fraction: float = 1.0, data_for: dict | None = None, log=print) -> dict:
+    """The grid on one dataset: {name, cells (one per setting, test type, impute mode, seed), probe, summary, ...}.
+
+    data_for: (setting, test type) -> the features those runs train and test on instead of `data` (the same rows,
+    extracted by encoders tuned under that training protocol: `bench accuracy --dataset --tune-epochs`); the probe
+    and the row counts are `data`'s."""
     device = resolve_device(base.device)
     data = keep_labels(data, labeled_fraction, base.missing_seed)
     main = MAIN_METRIC[data.task_type]
@@ -245,12 +250,15 @@ def run_dataset(name: str, data: FeatureSet, base: FitConfig, *, seeds: list[int
     start = time.perf_counter()
     for setting in SETTINGS:
         for test_type in test_types:
+            features = data
+            if data_for and (setting, test_type) in data_for:
+                features = keep_labels(data_for[setting, test_type], labeled_fraction, base.missing_seed)
             for impute in imputes:
                 for seed in seeds:
                     cfg = replace(base, impute=impute, seed=seed, test_missing_rate=test_rate,
                                   test_missing_type=test_type, train_missing_type=test_type,
                                   train_missing_rate=0.0 if setting == "complete" else train_rate)
-                    cell = run_cell(data, cfg, device)
+                    cell = run_cell(features, cfg, device)
                     cells.append({"setting": setting, "test_type": test_type, "impute": impute, "seed": seed,
                                   **cell})
             scores = {imp: [c["test"][f"missing-{test_type}"][main] for c in cells

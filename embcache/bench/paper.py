@@ -116,8 +116,7 @@ def tuned_encoders(cache, name: str, root: str, settings: dict, rate: float, mis
                          workers=workers, device=base.device, train_missing_rate=rate,
                          train_missing_type=missing_type, test_missing_rate=test_rate,
                          test_missing_type=missing_type, missing_seed=base.missing_seed,
-                         **{k: settings[k] for k in ("image_encoder", "image_checkpoint", "text_encoder",
-                                                     "text_pooling", "text_max_length")})
+                         **{k: settings[k] for k in ENCODER_FIELDS if not k.endswith("_bitfit")})
         tune(cfg, progress=progress, log=lambda m: log(f"  {m}"))
         out[f"{modality}_bitfit"] = path
     return out

@@ -318,3 +318,41 @@ def test_the_margins_figure_plots_each_margin_with_its_interval(tmp_path, capsys
     script.main(str(tmp_path / "fig.png"), [str(tmp_path / "r.json")])
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
     assert "set, labels on 0.1: complete, missing-both: +0.030 [+0.010, +0.050]" in capsys.readouterr().out
+
+
+def test_the_margin_sweep_scores_each_point_and_resumes(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location(
+        "margin_sweep", Path(__file__).resolve().parents[1] / "scripts" / "margin_sweep.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg = bench_accuracy.FitConfig(device="cpu", epochs=3, predictor_hidden=32, classifier_hidden=32,
+                                   predictor_epochs=60, lr=0.003)
+    points = [("latent", {"shared_dim": 6, "private_dim": 2}), ("latent", {"shared_dim": 1, "private_dim": 6}),
+              ("n_train", {"n_train": 300})]  # the last is the first point again: trained once
+    trained = []
+    run_draw = script.run_draw
+    monkeypatch.setattr(script, "run_draw", lambda *a: trained.append(a[1]) or run_draw(*a))
+    report = script.run_sweep(tmp_path, points, [11], [0], cfg, base=TINY, log=lambda *a: None)
+    assert trained == [11, 11]
+    first, weak, rows = report["points"]
+    assert first["draws"] == rows["draws"] and rows["label"] == "300 training rows"
+    for point in report["points"]:
+        (draw,) = point["draws"]
+        for setting in ("complete", "missing"):
+            q = draw[setting]
+            best = max(q["scores"]["zero"], q["scores"]["mean"])
+            assert q["margin"] == pytest.approx(q["scores"]["predict"] - best)
+            assert q["headroom"] == pytest.approx(draw["bayes_missing_both"] - best)
+            assert point["summary"][setting]["margin"] == {"mean": pytest.approx(q["margin"]), "std": 0.0}
+    # the shared latent is what the predictors learn: more of it, a higher R2
+    assert first["summary"]["complete"]["r2"]["mean"] > weak["summary"]["complete"]["r2"]["mean"] + 0.2
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "shared 6, private 2" in (tmp_path / "sweep.txt").read_text()
+
+    # a rerun with the same settings trains nothing and writes the same numbers; other settings start afresh
+    monkeypatch.setattr(script, "run_draw", lambda *a: pytest.fail("the earlier run's draws were not reused"))
+    again = script.run_sweep(tmp_path, points, [11], [0], cfg, base=TINY, log=lambda *a: None)
+    assert again["points"] == json.loads(json.dumps(report["points"]))
+    monkeypatch.setattr(script, "run_draw", lambda *a: trained.append(a[1]) or run_draw(*a))
+    script.run_sweep(tmp_path, points[:1], [11], [1], cfg, base=TINY, log=lambda *a: None)
+    assert trained == [11, 11, 11]

@@ -8,11 +8,11 @@ Each point is `synthetic-predictable` (embcache/bench/accuracy.py SYNTHETIC) wit
 SHARED dimensions both modalities see and PRIVATE dimensions each sees alone (`--latent`; the more shared, the
 higher the cross-modal R2), or with N training rows (`--n-train`), run on each draw through the grid of
 `embcache bench accuracy --test-types both` (impute predict / zero / mean x complete / missing training at 0.7,
-test missing-both at 0.7). Per point it keeps, over the draws: the predictors' val R2, predict - max(zero, mean)
-in each setting (mean over seeds per draw), and the headroom: the Bayes-optimal accuracy on the same test rows
-minus the best baseline. Writes OUT_DIR/sweep.json (after every draw: a rerun resumes, reusing the draws already
-done with the same settings), sweep.txt (the table) and sweep.png (margin and headroom against R2, and
-against the training rows).
+test missing-both at 0.7). Per point it keeps, over the draws: the predictors' R2 on the test pairs, predict -
+max(zero, mean) in each setting (mean over seeds per draw), and the headroom: the Bayes-optimal accuracy on the
+same test rows minus the best baseline. Writes OUT_DIR/sweep.json (after every draw: a rerun resumes, reusing the
+draws already done with the same settings), sweep.txt (the table) and sweep.png (margin and headroom against R2,
+and against the training rows).
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def summarize(point: dict) -> dict:
 
 def format_table(points: list[dict]) -> list[str]:
     lines = ["point                    draws  setting   predictor R2   margin            headroom",
-             "                                          (val pairs)    predict - best    Bayes - best"]
+             "                                          (test pairs)   predict - best    Bayes - best"]
     for p in points:
         s = p["summary"]
         for setting in SETTINGS:
@@ -88,7 +88,7 @@ def plot(points: list[dict], path) -> None:
 
     from embcache.plots import save_figure
 
-    groups = [("latent", "predictor val R2 (image <-> text, mean of both directions)"),
+    groups = [("latent", "predictor R2 on test pairs (image <-> text, mean of both directions)"),
               ("n_train", "training rows")]
     groups = [(key, label) for key, label in groups if any(p["vary"] == key for p in points)]
     fig = Figure(figsize=(5.2 * len(groups), 3.8))
@@ -103,8 +103,8 @@ def plot(points: list[dict], path) -> None:
                 ys = np.asarray([p["summary"][setting][what]["mean"] for p in group])[order]
                 err = np.asarray([p["summary"][setting][what]["std"] for p in group])[order]
                 ax.errorbar(xs, ys, yerr=err if what == "margin" else None, fmt=style, color=colour, capsize=3,
-                            alpha=1.0 if what == "margin" else 0.6,
-                            label=f"{setting} training: {'predict - best baseline' if what == 'margin' else 'Bayes - best baseline'}")
+                            alpha=1.0 if what == "margin" else 0.6, label=f"{setting} training: "
+                            + ("predict - best baseline" if what == "margin" else "Bayes - best baseline"))
         ax.axhline(0.02, color="grey", lw=0.8, ls=":")
         ax.axhline(0.0, color="black", lw=0.8)
         if key == "n_train":
@@ -114,8 +114,8 @@ def plot(points: list[dict], path) -> None:
             ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy difference, missing-both at 0.7")
-        ax.set_title(f"margin against {'cross-modal R2' if key == 'latent' else 'training rows'} (mean ± std over draws)",
-                     fontsize=9)
+        against = "cross-modal R2" if key == "latent" else "training rows"
+        ax.set_title(f"margin against {against} (mean ± std over draws)", fontsize=9)
     axes[0].legend(fontsize=7)
     save_figure(fig, path)
 

@@ -76,6 +76,9 @@ RATE = click.FloatRange(0.0, 1.0)
               help="Which presence patterns may use the mean-fill model (trained first) where this run's "
                    "classifier did not do better on val: rows with both modalities (complete), every pattern, "
                    "or none (impute predict, zero).")
+@click.option("--calibrate/--no-calibrate", default=D.calibrate, show_default=True,
+              help="Divide the logits by one temperature per presence pattern, fitted on val, so the scores read "
+                   "as probabilities (the argmax is unchanged).")
 @click.option("--linear-head/--no-linear-head", default=D.linear_head, show_default=True,
               help="Fit a logistic regression on the classifier's inputs first (L-BFGS, L2 on val); the MLP adds to it.")
 @click.option("--input-dropout", type=click.FloatRange(0, 1), default=D.input_dropout, show_default=True,

@@ -22,7 +22,7 @@ DISTILLS = ("auto", "on", "off")  # FitConfig.distill
 # What a run saved before a setting existed did: FitConfig.from_dict fills these in for old config.json files.
 LEGACY_SETTINGS = {"indicators": False, "substitute": 0.0, "predictor_training": "joint", "shrink": False,
                    "select": "metric", "input_dropout": 0.0, "cross_fit": 0, "vicreg_precision": "ieee",
-                   "linear_head": False, "mean_fallback": "off", "distill": "off"}
+                   "linear_head": False, "mean_fallback": "off", "distill": "off", "calibrate": False}
 
 
 def check_protocol(cfg, error: type[EmbcacheError]) -> None:
@@ -77,6 +77,10 @@ class FitConfig:
     # score better on val rows shown that way. complete: only rows with both modalities may fall back (so those
     # rows lose nothing to a classifier that learnt to read stand-ins); every: every pattern may; off: none
     mean_fallback: str = "complete"
+    # After selection, one temperature per presence pattern (image only, text only, both) divides the logits at
+    # inference, fitted on the val pairs shown as that pattern (least task loss), so the scores read as
+    # probabilities. Argmax and the 0.5 threshold are unchanged; rankings across patterns (AUROC) may change.
+    calibrate: bool = True
     # The classifier's logits = a linear map of its inputs + the MLP. The linear map is a logistic regression fitted
     # first (full-batch L-BFGS, L2 weight chosen on val; docs/training.md) and then kept; the MLP starts at 0 and
     # learns what the linear map misses, and model selection may keep the linear map alone (best epoch 0).

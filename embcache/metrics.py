@@ -41,23 +41,51 @@ def auroc(scores: torch.Tensor, y: torch.Tensor) -> float | None:
 
 
 def metric_names(task_type: str) -> list[str]:
+    """The task's own metrics (the paper's columns); `task_metrics` adds CALIBRATION_METRICS to them."""
     return {"multilabel": ["f1_macro", "f1_micro"], "multiclass": ["accuracy"],
             "binary": ["auroc", "accuracy"]}[task_type]
 
 
+CALIBRATION_METRICS = ("nll", "ece")
+ECE_BINS = 15
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """Sum over equal-width confidence bins of (the bin's share of the rows) x |mean confidence - accuracy|."""
+    confidence = confidence.double()
+    which = (confidence * bins).long().clamp(0, bins - 1)
+    gap = torch.zeros(bins, dtype=torch.float64, device=confidence.device)
+    gap.index_add_(0, which, confidence - correct.double())  # per bin: sum of (confidence - right)
+    return (gap.abs().sum() / len(confidence)).item()
+
+
+def calibration_metrics(task_type: str, logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """How far the scores can be read as probabilities, on labeled rows: `nll`, the task loss (cross-entropy;
+    multilabel: binary cross-entropy per label), and `ece`: for multiclass and binary the top-label expected
+    calibration error (confidence = the largest softmax probability, right = the argmax is the label), for
+    multilabel the same over every (row, label) sigmoid probability against the label."""
+    nll = task_loss(task_type, logits, y).item()
+    if task_type == "multilabel":
+        probability = torch.sigmoid(logits).flatten()
+        return {"nll": nll, "ece": expected_calibration_error(probability, y.flatten() > 0.5)}
+    confidence, guess = logits.softmax(1).max(1)
+    return {"nll": nll, "ece": expected_calibration_error(confidence, guess == y)}
+
+
 def task_metrics(task_type: str, logits: torch.Tensor, y: torch.Tensor) -> dict[str, float | None]:
-    """The task's metrics on the labeled rows; None when there are none (e.g. an unlabeled test file)."""
+    """The task's metrics and CALIBRATION_METRICS on the labeled rows; None when there are none (e.g. an
+    unlabeled test file)."""
     if task_type != "multilabel":
         keep = y >= 0
         logits, y = logits[keep], y[keep]
     if len(y) == 0:
-        return {name: None for name in metric_names(task_type)}
+        return {name: None for name in metric_names(task_type) + list(CALIBRATION_METRICS)}
     if task_type == "multilabel":
-        return f1_scores(logits, y)
+        return {**f1_scores(logits, y), **calibration_metrics(task_type, logits, y)}
     accuracy = (logits.argmax(1) == y).double().mean().item()
-    if task_type == "multiclass":
-        return {"accuracy": accuracy}
-    return {"auroc": auroc(logits[:, 1] - logits[:, 0], y), "accuracy": accuracy}
+    own = {"accuracy": accuracy} if task_type == "multiclass" else {
+        "auroc": auroc(logits[:, 1] - logits[:, 0], y), "accuracy": accuracy}
+    return {**own, **calibration_metrics(task_type, logits, y)}
 
 
 def r2_score(pred: torch.Tensor, target: torch.Tensor) -> float:

@@ -80,10 +80,12 @@ class FusionModel(nn.Module):
                     self.register_buffer(f"shrink_{name}", torch.ones(()))
         if cfg.mean_fallback != "off" and cfg.impute != "mean":
             # mean fill's model, for the presence patterns where it did better on val: loaded by the trainer, frozen
-            self.fallback = FusionModel(dims, n_outputs, replace(cfg, impute="mean"))
+            self.fallback = FusionModel(dims, n_outputs, replace(cfg, impute="mean", calibrate=False))
             self.fallback.requires_grad_(False)
             # per pattern (PATTERNS): set by the trainer (train.choose_fallback); off while it fits this model
             self.register_buffer("fallback_on", torch.zeros(len(PATTERNS), dtype=torch.bool))
+        if cfg.calibrate:  # per pattern (PATTERNS): set by the trainer (train.calibrate); 1 = the logits as they are
+            self.register_buffer("temperature", torch.ones(len(PATTERNS)))
 
     @torch.no_grad()
     def set_normalization(self, mean: dict[str, torch.Tensor], std: dict[str, torch.Tensor]) -> None:
@@ -115,14 +117,19 @@ class FusionModel(nn.Module):
         direction -> predictions that replace the predictor's on the first rows (cross-fitted, training)."""
         inputs, z, pred = self.inputs(x, has, hide, first)
         logits = self.head(inputs)
-        if hasattr(self, "fallback") and not self.training and bool(self.fallback_on.any()):
+        if self.training:
+            return FusionOutput(logits, z, pred)
+        shown = has if hide is None else {m: has[m] & ~hide[m] for m in MODALITIES}
+        image, text = shown["image"], shown["text"]
+        pattern = torch.stack([image & ~text, ~image & text, image & text], 1)  # PATTERNS order
+        if hasattr(self, "fallback") and bool(self.fallback_on.any()):
             # Inference: a row whose presence pattern falls back gets mean fill's answer. (Training fits this
             # classifier on every row; while it is selected nothing falls back, so the second model is skipped.)
-            shown = has if hide is None else {m: has[m] & ~hide[m] for m in MODALITIES}
-            image, text = shown["image"], shown["text"]
-            pattern = torch.stack([image & ~text, ~image & text, image & text], 1)  # PATTERNS order
             falls_back = (pattern & self.fallback_on).any(1)
             logits = torch.where(falls_back.unsqueeze(1), self.fallback(x, has, hide).logits, logits)
+        if hasattr(self, "temperature"):  # rows with neither modality keep temperature 1
+            temperature = (pattern.to(logits.dtype) @ self.temperature.to(logits.dtype)).masked_fill(~pattern.any(1), 1)
+            logits = logits / temperature.unsqueeze(1)
         return FusionOutput(logits, z, pred)
 
     @property

@@ -214,6 +214,11 @@ def format_table(metrics: dict) -> str:
         val = metrics["mean_fallback"]["val"][pattern]
         lines.append(f"{rows}: {'the mean-fill model' if falls_back else 'this run'} (val {main} "
                      f"{_num(val['mean'])} mean-fill model, {_num(val['own'])} this run)")
+    calibration = {p: q for p, q in (metrics.get("calibration") or {}).items() if q}
+    if calibration:
+        lines.append("calibration, temperature per pattern (val loss before -> after): " + ", ".join(
+            f"{'both' if p == 'both' else p + ' only'} {q['temperature']:.2f} ({q['val_loss'][0]:.3f} -> "
+            f"{q['val_loss'][1]:.3f})" for p, q in calibration.items()))
     for name, q in metrics["predictor"].items() if metrics.get("impute") == "predict" else ():
         if q["r2"] is not None:
             lines.append(f"predictor {name}: cosine {q['cosine']:.4f}, r2 {q['r2']:.4f} (test rows with both)")

@@ -570,6 +570,7 @@ class TrainResult:
     predictors: dict | None = None      # staged predictor training: its best epoch, val R2, shrink factors
     linear_head: dict | str | None = None  # the linear head's L2 weight and val score (or why it was skipped)
     mean_fallback: dict | None = None   # the mean-fill model (best epoch, val score, seconds) and where it is used
+    calibration: dict | None = None     # per presence pattern: the temperature and the val task loss before / after
 
 
 def epoch_batches(prep: Prepared, cfg: FitConfig, generators: dict):
@@ -610,7 +611,7 @@ def train(data: FeatureSet, prep: Prepared, cfg: FitConfig, progress: bool = Tru
     staged: dict = {}
     fallback, fallback_report = None, None
     if cfg.impute != "mean" and cfg.mean_fallback != "off":  # mean fill's model first, same seed and batches
-        mean_cfg = replace(cfg, impute="mean")
+        mean_cfg = replace(cfg, impute="mean", calibrate=False)  # the run calibrates what it answers, once
         first = train(data, prepared_for(prep, data, mean_cfg), mean_cfg, progress)
         fallback = first.model
         fallback_report = {"model": "impute mean", "best_epoch": first.best_epoch, "val": first.best_value,
@@ -657,9 +658,10 @@ def train(data: FeatureSet, prep: Prepared, cfg: FitConfig, progress: bool = Tru
         model.load_state_dict(best_state)
     if fallback is not None and lead:
         fallback_report.update(choose_fallback(model, prep, cfg, data.task_type))
+    calibration = calibrate(model, prep, cfg, data.task_type) if cfg.calibrate and lead else None
     summary = {k: v for k, v in staged.items() if k not in ("out_of_fold", "paired_position", "linear_head")}
     return TrainResult(model, curves, best_epoch, best_value, time.perf_counter() - start, summary or None,
-                       staged.get("linear_head"), fallback_report)
+                       staged.get("linear_head"), fallback_report, calibration)
 
 
 def choose_fallback(model: FusionModel, prep: Prepared, cfg: FitConfig, task_type: str) -> dict:
@@ -677,20 +679,77 @@ def choose_fallback(model: FusionModel, prep: Prepared, cfg: FitConfig, task_typ
     one in test rows."""
     val = prep.val_split
     both = torch.as_tensor(val.present["image"] & val.present["text"], device=prep.device)
-    none = torch.zeros_like(both)
+    shown_as = val_pairs_shown_as(prep)
     scores, falls_back = {}, {}
     for pattern in PATTERNS if cfg.mean_fallback == "every" else ("both",):
-        has = {m: both if pattern in (m, "both") else none for m in MODALITIES}
         keys = {}
         for name, on in (("own", False), ("mean", True)):
             model.falls_back = dict.fromkeys(PATTERNS, on)
-            logits = predict_split(model, val, prep.val, has, cfg.read_ahead)
+            logits = predict_split(model, val, prep.val, shown_as[pattern], cfg.read_ahead)
             keys[name] = selection_key(cfg, task_type, logits[both], prep.val.y[both])
         scores[pattern] = {name: key[0] for name, key in keys.items()}
         own, mean = keys["own"][2], keys["mean"][2]
         falls_back[pattern] = own is None or mean is None or mean >= own
     model.falls_back = falls_back
     return {"val": scores, "falls_back": falls_back}
+
+
+def val_pairs_shown_as(prep: Prepared) -> dict[str, dict[str, torch.Tensor]]:
+    """Pattern (PATTERNS) -> the presence masks that show every val row with both modalities as that pattern (the
+    other modality hidden, as the missing-modality protocol hides one in test rows); other rows show nothing."""
+    val = prep.val_split
+    both = torch.as_tensor(val.present["image"] & val.present["text"], device=prep.device)
+    none = torch.zeros_like(both)
+    return {pattern: {m: both if pattern in (m, "both") else none for m in MODALITIES} for pattern in PATTERNS}
+
+
+def calibrate(model: FusionModel, prep: Prepared, cfg: FitConfig, task_type: str) -> dict:
+    """FitConfig.calibrate: for each presence pattern, the temperature t (logits / t) with the least task loss on
+    the labeled val pairs shown as that pattern, in model.temperature. Returns {pattern: {temperature, val_loss:
+    [before, after], rows}} (None for a pattern without such rows) for config.json.
+
+    Why: the classifier is over-confident where it over-fits (icons, rows with both modalities: val loss 1.37 at
+    accuracy 0.81), and a stand-in row deserves less confidence than a pair; one number per pattern is what a
+    few hundred val rows can estimate. It changes no argmax and no 0.5 threshold (docs/training.md)."""
+    model.temperature.fill_(1.0)
+    shown_as = val_pairs_shown_as(prep)
+    keep = shown_as["both"]["image"] & labeled_rows(task_type, prep.val.y)  # the labeled val pairs
+    report = {}
+    for i, (pattern, has) in enumerate(shown_as.items()):
+        if not bool(keep.any()):
+            report[pattern] = None
+            continue
+        logits = predict_split(model, prep.val_split, prep.val, has, cfg.read_ahead)[keep].double()
+        y = prep.val.y[keep]
+        t = best_temperature(task_type, logits, y)
+        model.temperature[i] = t
+        report[pattern] = {"temperature": t, "val_loss": [task_loss(task_type, logits, y).item(),
+                                                          task_loss(task_type, logits / t, y).item()],
+                           "rows": int(keep.sum())}
+    return report
+
+
+def best_temperature(task_type: str, logits: torch.Tensor, y: torch.Tensor, low: float = 0.05, high: float = 20.0,
+                     steps: int = 60) -> float:
+    """argmin over t in [low, high] of task_loss(logits / t): golden-section search on log t (the loss is convex in
+    1 / t, so it has one minimum)."""
+    def loss(log_t: float) -> float:
+        return task_loss(task_type, logits / math.exp(log_t), y).item()
+
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = math.log(low), math.log(high)
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(steps):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = loss(d)
+    return float(math.exp((a + b) / 2))
 
 
 def substitution_generator(generators: dict, cfg: FitConfig, device: torch.device) -> torch.Generator:
@@ -838,7 +897,7 @@ def write_run(run_dir: Path, data: FeatureSet, prep: Prepared, cfg: FitConfig, r
         "split": "val", "scenario": prep.resolved["selection_scenario"], "metric": MAIN_METRIC[data.task_type],
         "best_epoch": result.best_epoch, "value": result.best_value, "epochs": cfg.epochs,
         "by": cfg.select}, "predictor_training": result.predictors,
-        "linear_head": result.linear_head, "mean_fallback": result.mean_fallback}
+        "linear_head": result.linear_head, "mean_fallback": result.mean_fallback, "calibration": result.calibration}
     write_json(run_dir / "config.json", {**asdict(cfg), "resolved": resolved})
     save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
               str(run_dir / "model.safetensors"), metadata={"format": "embcache.fit/1"})

@@ -8,12 +8,13 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from embcache.bench import synthetic
 from embcache.cli.fit import compare_command, eval_command, fit_command
 from embcache.config import FitConfig, FitError
 from embcache.data import dataset_from_features, load_dataset
-from embcache.metrics import auroc, f1_scores, r2_score
+from embcache.metrics import auroc, expected_calibration_error, f1_scores, r2_score, task_metrics
 from embcache.missing import SCENARIOS, apply_missing
 from embcache.runs import format_table
 from embcache.runtime import Ranks
@@ -71,7 +72,8 @@ def test_run_folder_layout_and_metrics_keys(runs):
     for split in ("val", "test"):
         assert set(metrics[split]) == set(SCENARIOS)
         for values in metrics[split].values():
-            assert set(values) == {"f1_macro", "f1_micro"} and all(0 <= v <= 1 for v in values.values())
+            assert set(values) == {"f1_macro", "f1_micro", "nll", "ece"} and values["nll"] > 0
+            assert all(0 <= values[k] <= 1 for k in ("f1_macro", "f1_micro", "ece"))
     assert set(metrics["predictor"]) == {"image_to_text", "text_to_image"}
     assert all(set(q) == {"cosine", "r2"} for q in metrics["predictor"].values())
     selection = metrics["selection"]
@@ -85,6 +87,12 @@ def test_run_folder_layout_and_metrics_keys(runs):
     assert fallback == config["resolved"]["mean_fallback"] and list(fallback["falls_back"]) == ["both"]
     answer = "the mean-fill model" if fallback["falls_back"]["both"] else "this run"
     assert f"rows with both modalities: {answer} (val f1_macro" in format_table(metrics)
+    calibration = metrics["calibration"]  # the default --calibrate: one temperature per presence pattern
+    assert calibration == config["resolved"]["calibration"] and set(calibration) == {"image", "text", "both"}
+    temperature = load_file(str(run / "model.safetensors"))["temperature"]
+    assert temperature.tolist() == pytest.approx([calibration[p]["temperature"] for p in ("image", "text", "both")])
+    assert all(q["val_loss"][1] <= q["val_loss"][0] for q in calibration.values())
+    assert "calibration, temperature per pattern (val loss before -> after): image only" in format_table(metrics)
 
 
 def ridge_r2(store, src, dst, train_rate, lam=1.0):
@@ -226,6 +234,25 @@ def test_f1_macro_at_threshold_half():
     scores = f1_scores(logits, y)
     assert scores["f1_macro"] == pytest.approx((1 / 2 + 1 + 0) / 3)
     assert scores["f1_micro"] == pytest.approx(2 * 3 / (2 * 3 + 2))
+
+
+
+def test_calibration_metrics_nll_and_ece():
+    # ten rows at confidence 0.95 (bin 15 of 15), nine right; ten at 0.55 (bin 9), all right
+    confidence = torch.tensor([0.95] * 10 + [0.55] * 10)
+    right = torch.tensor([True] * 9 + [False] + [True] * 10)
+    assert expected_calibration_error(confidence, right) == pytest.approx(0.5 * 0.05 + 0.5 * 0.45)
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [0.5, 0.0, 3.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([0, 2, 2, -1])  # the unlabeled row is not scored
+    metrics = task_metrics("multiclass", logits, y)
+    assert metrics["nll"] == pytest.approx(torch.nn.functional.cross_entropy(logits[:3], y[:3]).item())
+    confidence, guess = logits[:3].softmax(1).max(1)
+    assert metrics["ece"] == pytest.approx(expected_calibration_error(confidence, guess == y[:3]))
+    labels = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    multilabel = task_metrics("multilabel", torch.tensor([[3.0, -3.0], [0.0, -2.0]]), labels)
+    probability = torch.sigmoid(torch.tensor([3.0, -3.0, 0.0, -2.0]))
+    assert multilabel["ece"] == pytest.approx(expected_calibration_error(probability, labels.flatten() > 0.5))
+    assert task_metrics("binary", logits[:0, :2], y[:0]) == dict.fromkeys(["auroc", "accuracy", "nll", "ece"])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ def test_indicators_widen_the_classifier_and_reach_it():
     out_both, out_missing = model(x, both).logits, model(x, without_text).logits
     assert torch.equal(out_both[0], out_missing[0]) and not torch.equal(out_both[1], out_missing[1])
     legacy = FusionModel(dims, 3, FitConfig.from_dict({"impute": "mean"}))
+    assert not hasattr(legacy, "temperature")  # an old run's model.safetensors has none: it loads as it was saved
     assert isinstance(legacy.classifier[0], torch.nn.Linear)  # no input dropout in front
     assert legacy.classifier[0].in_features == 10  # no indicators
 
@@ -93,7 +94,7 @@ def test_mean_fallback_per_presence_pattern(predictable):
     selected as without the fallback. A pattern falls back when mean fill scores at least as well on val pairs shown
     that way."""
     device = torch.device("cpu")
-    cfg = FitConfig(train_missing_rate=0.7, mean_fallback="every", **SMALL)
+    cfg = FitConfig(train_missing_rate=0.7, mean_fallback="every", calibrate=False, **SMALL)  # raw logits
     runs = {name: train(predictable, prepare(predictable, c, device), c, progress=False)
             for name, c in [("predict", cfg), ("mean", replace(cfg, impute="mean")),
                             ("zero", replace(cfg, impute="zero")), ("plain", replace(cfg, mean_fallback="off"))]}
@@ -129,6 +130,51 @@ def test_mean_fallback_per_presence_pattern(predictable):
                     replace(cfg, mean_fallback="complete"), progress=False)
     assert list(default.mean_fallback["falls_back"]) == ["both"]
     assert not default.model.falls_back["image"] and not default.model.falls_back["text"]
+
+
+def test_calibration_divides_each_patterns_logits_by_its_val_temperature(predictable):
+    """--calibrate trains the same model and then divides each presence pattern's logits by the temperature with
+    the least val loss on the val pairs shown that way: no argmax changes, rows with neither modality keep theirs."""
+    device = torch.device("cpu")
+    cfg = FitConfig(train_missing_rate=0.7, **SMALL)
+    plain, run = (train(predictable, prepare(predictable, c, device), c, progress=False)
+                  for c in (replace(cfg, calibrate=False), cfg))
+    assert plain.calibration is None and not hasattr(plain.model, "temperature")
+    temperature = dict(zip(PATTERNS, run.model.temperature.tolist()))
+    assert temperature != dict.fromkeys(PATTERNS, 1.0)
+    val = predictable.splits["val"]
+    vx = {m: torch.as_tensor(val.emb[m]) for m in MODALITIES}
+    vy = torch.as_tensor(val.labels)
+    tx = {m: torch.as_tensor(predictable.splits["test"].emb[m]) for m in MODALITIES}
+    for split, x in (("val", vx), ("test", tx)):
+        n = len(x["image"])
+        yes, no = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+        shown = {"image": {"image": yes, "text": no}, "text": {"image": no, "text": yes},
+                 "both": {"image": yes, "text": yes}, None: {"image": no, "text": no}}
+        for pattern, has in shown.items():
+            raw, calibrated = predict_logits(plain.model, x, has), predict_logits(run.model, x, has)
+            assert torch.allclose(calibrated, raw / temperature.get(pattern, 1.0))
+            assert torch.equal(calibrated.argmax(1), raw.argmax(1))
+            if split == "val" and pattern is not None:
+                report = run.calibration[pattern]
+                assert report["temperature"] == pytest.approx(temperature[pattern]) and report["rows"] == n
+                loss = lambda t: torch.nn.functional.cross_entropy(raw.double() / t, vy).item()  # noqa: E731
+                t = temperature[pattern]
+                assert report["val_loss"] == pytest.approx([loss(1.0), loss(t)])
+                assert loss(t) <= min(loss(1.0), loss(t * 1.1), loss(t / 1.1)) + 1e-9
+        mixed = {"image": torch.arange(n) % 3 != 1, "text": torch.arange(n) % 3 != 0}  # routed row by row
+        text_only = ~mixed["image"]
+        assert torch.allclose(predict_logits(run.model, x, mixed)[text_only],
+                              predict_logits(plain.model, x, mixed)[text_only] / temperature["text"])
+
+
+def test_the_best_temperature_recovers_the_one_that_made_the_labels():
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(4000, 5, generator=generator, dtype=torch.float64)
+    y = torch.multinomial((logits / 2.5).softmax(1), 1, generator=generator).squeeze(1)
+    assert train_module.best_temperature("multiclass", logits, y) == pytest.approx(2.5, rel=0.1)
+    labels = torch.bernoulli(torch.sigmoid(logits / 0.5), generator=generator)
+    assert train_module.best_temperature("multilabel", logits, labels) == pytest.approx(0.5, rel=0.1)
 
 
 def test_staged_predictors_reach_ridge_quality_and_keep_their_shrink(predictable):

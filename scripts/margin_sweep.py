@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from embcache.bench import synthetic
-from embcache.bench.accuracy import SYNTHETIC, SYNTHETIC_DRAWS, margin_of, run_dataset
+from embcache.bench.accuracy import HELPS_MARGIN, SETTINGS, SYNTHETIC, SYNTHETIC_DRAWS, margin_of, run_dataset
 from embcache.config import FitConfig
 from embcache.data import dataset_from_features
 from embcache.missing import MODALITIES, scenario_present
@@ -34,7 +34,6 @@ from embcache.runtime import staged_file
 from embcache.store import SPLIT_CODES
 
 BASE = "synthetic-predictable"
-SETTINGS = ("complete", "missing")
 TEST_RATE = 0.7
 
 
@@ -105,7 +104,7 @@ def plot(points: list[dict], path) -> None:
                 ax.errorbar(xs, ys, yerr=err if what == "margin" else None, fmt=style, color=colour, capsize=3,
                             alpha=1.0 if what == "margin" else 0.6, label=f"{setting} training: "
                             + ("predict - best baseline" if what == "margin" else "Bayes - best baseline"))
-        ax.axhline(0.02, color="grey", lw=0.8, ls=":")
+        ax.axhline(HELPS_MARGIN, color="grey", lw=0.8, ls=":")
         ax.axhline(0.0, color="black", lw=0.8)
         if key == "n_train":
             ax.set_xscale("log")

@@ -103,3 +103,9 @@ bench-accuracy: $(STAMP)
 		--labeled-fraction 0.1 --test-types both --seeds 0,1,2 --threads 1 --out $(BENCH)/accuracy-labels-0.1
 	$(OFFLINE) PYTHONSAFEPATH=1 $(PY) scripts/plot_margins.py $(BENCH)/margins.png $(BENCH)/accuracy/accuracy.json \
 		$(BENCH)/accuracy-labels-0.1/accuracy.json
+
+# Predict's margin and the Bayes headroom against cross-modal R2 and training rows, on synthetic caches
+# (BENCHMARKS.md, stop 28): 43 min of runs, 24 min on 2 cores. Resumes from $(BENCH)/sweep/sweep.json.
+.PHONY: bench-margin-sweep
+bench-margin-sweep: $(STAMP)
+	$(OFFLINE) PYTHONSAFEPATH=1 $(PY) scripts/margin_sweep.py $(BENCH)/sweep --workers 2

@@ -1,5 +1,5 @@
 """The fusion trainer's parts: indicators, training substitution, staged predictors (cross-fitting, shrinkage),
-model selection, and configs saved before these settings existed."""
+model selection, the mean fallback, calibration, and configs saved before these settings existed."""
 from dataclasses import asdict, replace
 
 import numpy as np

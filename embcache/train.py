@@ -708,9 +708,7 @@ def calibrate(model: FusionModel, prep: Prepared, cfg: FitConfig, task_type: str
     the labeled val pairs shown as that pattern, in model.temperature. Returns {pattern: {temperature, val_loss:
     [before, after], rows}} (None for a pattern without such rows) for config.json.
 
-    Why: the classifier is over-confident where it over-fits (icons, rows with both modalities: val loss 1.37 at
-    accuracy 0.81), and a stand-in row deserves less confidence than a pair; one number per pattern is what a
-    few hundred val rows can estimate. It changes no argmax and no 0.5 threshold (docs/training.md)."""
+    Why one number per pattern, and what it changes (no argmax, no 0.5 threshold): docs/training.md."""
     model.temperature.fill_(1.0)
     shown_as = val_pairs_shown_as(prep)
     keep = shown_as["both"]["image"] & labeled_rows(task_type, prep.val.y)  # the labeled val pairs

@@ -1,7 +1,7 @@
 """Predict's margin over zero / mean fill against how well the modalities predict each other, and against the
 number of training rows, on synthetic caches whose generative model is known.
 
-    python scripts/margin_sweep.py OUT_DIR [--latent SHARED:PRIVATE ...] [--n-train N ...]
+    python scripts/margin_sweep.py OUT_DIR [--latent SHARED:PRIVATE ...] [--n-train N ...] [--dims IMAGE:TEXT]
                                    [--draws 11,21,22,23] [--seeds 0,1,2] [--workers 1] [--threads 1]
 
 Each point is `synthetic-predictable` (embcache/bench/accuracy.py SYNTHETIC) with the latent split into
@@ -196,6 +196,8 @@ def main(argv=None) -> None:
                         help="SHARED:PRIVATE latent dimensions per point (the base cache has 12:2)")
     parser.add_argument("--n-train", nargs="*", type=int, default=[500, 1500, 5000],
                         help="training rows per point, at the base cache's latent split")
+    parser.add_argument("--dims", default=None, metavar="IMAGE:TEXT",
+                        help="embedding widths of every point (the base cache has 64:48)")
     parser.add_argument("--draws", default=",".join(map(str, SYNTHETIC_DRAWS[BASE])))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--workers", type=int, default=1, help="draws trained at once, one process each")
@@ -205,8 +207,11 @@ def main(argv=None) -> None:
     points = [("latent", {"shared_dim": int(s), "private_dim": int(p)})
               for s, p in (spec.split(":") for spec in args.latent)]
     points += [("n_train", {"n_train": n}) for n in args.n_train]
+    base = dict(SYNTHETIC[BASE])
+    if args.dims:
+        base["d_image"], base["d_text"] = (int(d) for d in args.dims.split(":"))
     run_sweep(args.out, points, [int(d) for d in args.draws.split(",")], [int(s) for s in args.seeds.split(",")],
-              FitConfig(device="cpu"), workers=args.workers, threads=args.threads)
+              FitConfig(device="cpu"), base=base, workers=args.workers, threads=args.threads)
 
 
 if __name__ == "__main__":

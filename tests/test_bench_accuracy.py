@@ -356,3 +356,23 @@ def test_the_margin_sweep_scores_each_point_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(script, "run_draw", lambda *a: trained.append(a[1]) or run_draw(*a))
     script.run_sweep(tmp_path, points[:1], [11], [1], cfg, base=TINY, log=lambda *a: None)
     assert trained == [11, 11, 11]
+
+
+def test_the_margin_sweep_command_line_sets_the_points_and_widths(monkeypatch):
+    spec = importlib.util.spec_from_file_location(
+        "margin_sweep", Path(__file__).resolve().parents[1] / "scripts" / "margin_sweep.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    calls = []
+    monkeypatch.setattr(script, "run_sweep", lambda *args, **kwargs: calls.append((args, kwargs)))
+    script.main(["out", "--dims", "640:384", "--latent", "12:2", "4:6", "--n-train", "--draws", "11,21"])
+    (args, kwargs), = calls
+    assert args[1] == [("latent", {"shared_dim": 12, "private_dim": 2}),
+                       ("latent", {"shared_dim": 4, "private_dim": 6})]
+    assert args[2] == [11, 21] and args[3] == [0, 1, 2]
+    assert kwargs["base"] == {**bench_accuracy.SYNTHETIC["synthetic-predictable"], "d_image": 640, "d_text": 384}
+    calls.clear()
+    script.main(["out"])  # the defaults: six latent splits, three training sizes, the bench's cache and draws
+    (args, kwargs), = calls
+    assert [vary for vary, _ in args[1]] == ["latent"] * 6 + ["n_train"] * 3
+    assert kwargs["base"] == bench_accuracy.SYNTHETIC["synthetic-predictable"] and args[2] == [11, 21, 22, 23]

@@ -3,6 +3,7 @@ number of training rows, on synthetic caches whose generative model is known.
 
     python scripts/margin_sweep.py OUT_DIR [--latent SHARED:PRIVATE ...] [--n-train N ...] [--dims IMAGE:TEXT]
                                    [--draws 11,21,22,23] [--seeds 0,1,2] [--workers 1] [--threads 1]
+                                   [--real REPORT.json ...] [--overwrite]
 
 Each point is `synthetic-predictable` (embcache/bench/accuracy.py SYNTHETIC) with the latent split into
 SHARED dimensions both modalities see and PRIVATE dimensions each sees alone (`--latent`; the more shared, the
@@ -11,8 +12,10 @@ higher the cross-modal R2), or with N training rows (`--n-train`), run on each d
 test missing-both at 0.7). Per point it keeps, over the draws: the predictors' R2 on the test pairs, predict -
 max(zero, mean) in each setting (mean over seeds per draw), and the headroom: the Bayes-optimal accuracy on the
 same test rows minus the best baseline. Writes OUT_DIR/sweep.json (after every draw: a rerun resumes, reusing the
-draws already done with the same settings), sweep.txt (the table) and sweep.png (margin and headroom against R2,
-and against the training rows).
+draws already done with the same settings; one made with other settings is refused unless --overwrite), sweep.txt
+(the table) and sweep.png (margin and headroom against R2, and against the training rows; with `--real
+REPORT.json`, the real sets of those `bench accuracy` reports at their own R2, each margin with its interval over
+the test rows).
 """
 from __future__ import annotations
 
@@ -81,7 +84,22 @@ def format_table(points: list[dict]) -> list[str]:
     return lines
 
 
-def plot(points: list[dict], path) -> None:
+def real_margins(report: dict) -> list[dict]:
+    """{name, setting, r2, margin, interval} of each store (not synthetic) in a `bench accuracy` report with test
+    type both: where a real set sits against the sweep."""
+    out = []
+    for ds in report["datasets"]:
+        if "draw" in ds or "both" not in ds["summary"].get("complete", {}):
+            continue
+        for setting in SETTINGS:
+            by = ds["summary"][setting]["both"]
+            interval = ((ds.get("intervals") or {}).get("margin") or {}).get(setting, {}).get("both")
+            out.append({"name": ds["name"], "setting": setting, "r2": by["predict"]["r2"]["mean"],
+                        "margin": margin_of(by), "interval": interval})
+    return out
+
+
+def plot(points: list[dict], path, real: list[dict] = ()) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullLocator, ScalarFormatter
 
@@ -104,6 +122,14 @@ def plot(points: list[dict], path) -> None:
                 ax.errorbar(xs, ys, yerr=err if what == "margin" else None, fmt=style, color=colour, capsize=3,
                             alpha=1.0 if what == "margin" else 0.6, label=f"{setting} training: "
                             + ("predict - best baseline" if what == "margin" else "Bayes - best baseline"))
+        if key == "latent":  # the real sets at their own R2, each margin with its 95 % interval over test rows
+            for setting, colour in zip(SETTINGS, ("tab:blue", "tab:orange")):
+                for r in (r for r in real if r["setting"] == setting):
+                    low, high = r["interval"] or (r["margin"], r["margin"])
+                    ax.errorbar([r["r2"]], [r["margin"]], yerr=[[r["margin"] - low], [high - r["margin"]]], fmt="s",
+                                mfc="white", color=colour, capsize=2, lw=0.8)
+                    ax.annotate(r["name"], (r["r2"], r["margin"]), fontsize=6, xytext=(3, 3),
+                                textcoords="offset points")
         ax.axhline(HELPS_MARGIN, color="grey", lw=0.8, ls=":")
         ax.axhline(0.0, color="black", lw=0.8)
         if key == "n_train":
@@ -132,15 +158,21 @@ def _run_job(job):
 
 
 def run_sweep(out: str | Path, points: list[tuple[str, dict]], draws: list[int], seeds: list[int],
-              cfg: FitConfig, base: dict | None = None, workers: int = 1, threads: int = 1, log=print) -> dict:
+              cfg: FitConfig, base: dict | None = None, workers: int = 1, threads: int = 1,
+              real: list[dict] = (), overwrite: bool = False, log=print) -> dict:
     """points: (what varies: "latent" or "n_train", the overrides of the base cache's settings). With workers > 1
-    the draws run in that many processes (`threads` torch threads each)."""
+    the draws run in that many processes (`threads` torch threads each). real: `real_margins` to draw beside the
+    sweep (hollow squares)."""
     out, base = Path(out), dict(SYNTHETIC[BASE] if base is None else base)
     settings = {"base": base, "seeds": seeds, "fit": asdict(cfg), "versions": {"torch": torch.__version__}}
     done = {}  # (params, draw) -> that draw's result, from an earlier run with the same settings
     if (out / "sweep.json").exists():
         old = json.loads((out / "sweep.json").read_text())
-        if {k: old.get(k) for k in settings} == json.loads(json.dumps(settings)):
+        differ = [k for k, v in json.loads(json.dumps(settings)).items() if old.get(k) != v]
+        if differ and not overwrite:  # its draws are measurements: never replaced unasked
+            raise SystemExit(f"{out / 'sweep.json'} was made with other settings ({', '.join(differ)} differ): "
+                             "choose another OUT_DIR, or --overwrite to start it afresh")
+        if not differ:
             done = {(json.dumps(p["params"], sort_keys=True), d["draw"]): d for p in old["points"] for d in p["draws"]}
     report = {**settings, "points": []}
     for vary, overrides in points:
@@ -183,7 +215,7 @@ def run_sweep(out: str | Path, points: list[tuple[str, dict]], draws: list[int],
     with staged_file(out / "sweep.txt") as tmp, open(tmp, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     with staged_file(out / "sweep.png") as tmp, open(tmp, "wb") as fh:
-        plot(report["points"], fh)
+        plot(report["points"], fh, real)
     log("\n".join(lines))
     log(f"wrote {out}/sweep.json, sweep.txt, sweep.png")
     return report
@@ -200,6 +232,11 @@ def main(argv=None) -> None:
                         help="embedding widths of every point (the base cache has 64:48)")
     parser.add_argument("--draws", default=",".join(map(str, SYNTHETIC_DRAWS[BASE])))
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--real", nargs="*", default=[], metavar="REPORT",
+                        help="accuracy.json files of `embcache bench accuracy --test-types both` on real stores: their "
+                             "margins drawn at their predictors' R2")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start OUT_DIR/sweep.json afresh when it was made with other settings")
     parser.add_argument("--workers", type=int, default=1, help="draws trained at once, one process each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = parser.parse_args(argv)
@@ -211,7 +248,9 @@ def main(argv=None) -> None:
     if args.dims:
         base["d_image"], base["d_text"] = (int(d) for d in args.dims.split(":"))
     run_sweep(args.out, points, [int(d) for d in args.draws.split(",")], [int(s) for s in args.seeds.split(",")],
-              FitConfig(device="cpu"), base=base, workers=args.workers, threads=args.threads)
+              FitConfig(device="cpu"), base=base, workers=args.workers, threads=args.threads,
+              real=[r for path in args.real for r in real_margins(json.loads(Path(path).read_text()))],
+              overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

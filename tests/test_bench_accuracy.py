@@ -349,13 +349,32 @@ def test_the_margin_sweep_scores_each_point_and_resumes(tmp_path, monkeypatch):
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert "shared 6, private 2" in (tmp_path / "sweep.txt").read_text()
 
-    # a rerun with the same settings trains nothing and writes the same numbers; other settings start afresh
+    # a rerun with the same settings trains nothing and writes the same numbers
     monkeypatch.setattr(script, "run_draw", lambda *a: pytest.fail("the earlier run's draws were not reused"))
     again = script.run_sweep(tmp_path, points, [11], [0], cfg, base=TINY, log=lambda *a: None)
     assert again["points"] == json.loads(json.dumps(report["points"]))
+    # other settings: refused, the measured file kept; with overwrite, started afresh
+    saved = (tmp_path / "sweep.json").read_bytes()
+    with pytest.raises(SystemExit, match="other settings .seeds differ.*--overwrite"):
+        script.run_sweep(tmp_path, points[:1], [11], [1], cfg, base=TINY, log=lambda *a: None)
+    assert (tmp_path / "sweep.json").read_bytes() == saved
     monkeypatch.setattr(script, "run_draw", lambda *a: trained.append(a[1]) or run_draw(*a))
-    script.run_sweep(tmp_path, points[:1], [11], [1], cfg, base=TINY, log=lambda *a: None)
-    assert trained == [11, 11, 11]
+    script.run_sweep(tmp_path, points[:1], [11], [1], cfg, base=TINY, overwrite=True, log=lambda *a: None)
+    assert trained == [11, 11, 11] and json.loads((tmp_path / "sweep.json").read_text())["seeds"] == [1]
+
+    # real sets from a bench report sit beside the sweep: their margin (predict - best baseline) at their R2
+    def cell(value, r2=None):
+        return {"missing": {"mean": value}, "r2": None if r2 is None else {"mean": r2}}
+    by_impute = {"predict": cell(0.70, 0.05), "zero": cell(0.68), "mean": cell(0.69)}
+    icons = {"name": "icons", "summary": {s: {"both": by_impute} for s in ("complete", "missing")},
+             "intervals": {"margin": {"complete": {"both": [-0.01, 0.03]}}}}
+    bench = {"datasets": [icons, {"name": "synthetic@11", "draw": 11, "summary": {}}]}
+    real = script.real_margins(bench)
+    assert [(r["name"], r["setting"]) for r in real] == [("icons", "complete"), ("icons", "missing")]
+    assert real[0]["margin"] == pytest.approx(0.01) and real[0]["r2"] == 0.05 and real[0]["interval"] == [-0.01, 0.03]
+    assert real[1]["interval"] is None
+    script.plot(again["points"], tmp_path / "with-real.png", real)
+    assert (tmp_path / "with-real.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_the_margin_sweep_command_line_sets_the_points_and_widths(monkeypatch):

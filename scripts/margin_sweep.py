@@ -124,10 +124,11 @@ def plot(points: list[dict], path, real: list[dict] = ()) -> None:
                             + ("predict - best baseline" if what == "margin" else "Bayes - best baseline"))
         if key == "latent":  # the real sets at their own R2, each margin with its 95 % interval over test rows
             for setting, colour in zip(SETTINGS, ("tab:blue", "tab:orange")):
-                for r in (r for r in real if r["setting"] == setting):
+                for i, r in enumerate(r for r in real if r["setting"] == setting):
                     low, high = r["interval"] or (r["margin"], r["margin"])
                     ax.errorbar([r["r2"]], [r["margin"]], yerr=[[r["margin"] - low], [high - r["margin"]]], fmt="s",
-                                mfc="white", color=colour, capsize=2, lw=0.8)
+                                mfc="white", color=colour, capsize=2, lw=0.8,
+                                label=None if i else f"{setting} training: a real set (95 % interval, test rows)")
                     ax.annotate(r["name"], (r["r2"], r["margin"]), fontsize=6, xytext=(3, 3),
                                 textcoords="offset points")
         ax.axhline(HELPS_MARGIN, color="grey", lw=0.8, ls=":")
@@ -141,7 +142,7 @@ def plot(points: list[dict], path, real: list[dict] = ()) -> None:
         ax.set_ylabel("accuracy difference, missing-both at 0.7")
         against = "cross-modal R2" if key == "latent" else "training rows"
         ax.set_title(f"margin against {against} (mean ± std over draws)", fontsize=9)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=6, loc="lower right")
     save_figure(fig, path)
 
 

@@ -117,8 +117,8 @@ class FusionModel(nn.Module):
         direction -> predictions that replace the predictor's on the first rows (cross-fitted, training)."""
         inputs, z, pred = self.inputs(x, has, hide, first)
         logits = self.head(inputs)
-        if self.training:
-            return FusionOutput(logits, z, pred)
+        if self.training or not (hasattr(self, "fallback") or hasattr(self, "temperature")):
+            return FusionOutput(logits, z, pred)  # nothing below applies: skip the presence patterns
         shown = has if hide is None else {m: has[m] & ~hide[m] for m in MODALITIES}
         image, text = shown["image"], shown["text"]
         pattern = torch.stack([image & ~text, ~image & text, image & text], 1)  # PATTERNS order

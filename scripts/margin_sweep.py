@@ -38,6 +38,7 @@ from embcache.store import SPLIT_CODES
 
 BASE = "synthetic-predictable"
 TEST_RATE = 0.7
+COLOURS = dict(zip(SETTINGS, ("tab:blue", "tab:orange")))  # one per training setting, in both panels
 
 
 def run_draw(params: dict, draw: int, cfg: FitConfig, seeds: list[int]) -> dict:
@@ -112,7 +113,7 @@ def plot(points: list[dict], path, real: list[dict] = ()) -> None:
     axes = np.atleast_1d(fig.subplots(1, len(groups)))
     for ax, (key, label) in zip(axes, groups):
         group = [p for p in points if p["vary"] == key]
-        for setting, colour in zip(SETTINGS, ("tab:blue", "tab:orange")):
+        for setting, colour in COLOURS.items():
             xs = [p["summary"][setting]["r2"]["mean"] if key == "latent" else p["params"]["n_train"] for p in group]
             order = np.argsort(xs)
             xs = np.asarray(xs)[order]
@@ -123,7 +124,7 @@ def plot(points: list[dict], path, real: list[dict] = ()) -> None:
                             alpha=1.0 if what == "margin" else 0.6, label=f"{setting} training: "
                             + ("predict - best baseline" if what == "margin" else "Bayes - best baseline"))
         if key == "latent":  # the real sets at their own R2, each margin with its 95 % interval over test rows
-            for setting, colour in zip(SETTINGS, ("tab:blue", "tab:orange")):
+            for setting, colour in COLOURS.items():
                 for i, r in enumerate(r for r in real if r["setting"] == setting):
                     low, high = r["interval"] or (r["margin"], r["margin"])
                     ax.errorbar([r["r2"]], [r["margin"]], yerr=[[r["margin"] - low], [high - r["margin"]]], fmt="s",

@@ -70,6 +70,10 @@ def _test_types(ctx, param, value: str) -> tuple[str, ...]:
               help="A built-in synthetic cache (repeatable): cross-modal R2 about 0.6 (predictable) or 0.1 (weak).")
 @click.option("--draws", type=click.IntRange(1), default=None,
               help="With --synthetic: run the first N draws (data seeds) of each synthetic cache [default: all].")
+@click.option("--splits", type=click.IntRange(1), default=1, show_default=True,
+              help="With --store: run each store on N partitions of its rows into train / val / test (the store's "
+                   "own, then N-1 deals of the same rows into splits of the same sizes) and summarise over them: on "
+                   "a few hundred test rows one split's differences move by a point. The rows must fit in memory.")
 @click.option("--seeds", default="0,1,2", show_default=True, callback=_seeds, help="Training seeds.")
 @click.option("--test-types", default=",".join(MISSING_TYPES), show_default=True, callback=_test_types,
               help="Missing types of the grid (comma-separated; missing training uses the same type).")
@@ -103,7 +107,7 @@ def _test_types(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--out", default="bench-accuracy", show_default=True, type=click.Path(file_okay=False),
               help="Folder for accuracy.json, accuracy.txt and accuracy.png (with --dataset: paper.md, paper.json).")
 @user_errors
-def accuracy_command(datasets, roots, stores, synthetic_names, draws, seeds, test_types, test_rate, train_rate,
+def accuracy_command(datasets, roots, stores, synthetic_names, draws, splits, seeds, test_types, test_rate, train_rate,
                      labeled_fraction, missing_seed, epochs,
                      fit_options, device, threads, cache, batch_size, workers, tune_epochs, overwrite, out,
                      **encoders):
@@ -130,6 +134,8 @@ def accuracy_command(datasets, roots, stores, synthetic_names, draws, seeds, tes
             raise click.ClickException("--dataset cannot be combined with --store or --synthetic; run them apart")
         if labeled_fraction < 1:
             raise click.ClickException("--labeled-fraction applies to --store and --synthetic, not to --dataset")
+        if splits > 1:
+            raise click.ClickException("--splits applies to --store (a --dataset keeps its published splits)")
         pairs = pair_sources(datasets, roots)  # a PaperError (an EmbcacheError): one line, through user_errors
         report = run_paper(pairs, base, seeds=seeds, encoders=encoders, cache=cache, out=out, test_rate=test_rate,
                            test_types=test_types,
@@ -143,7 +149,7 @@ def accuracy_command(datasets, roots, stores, synthetic_names, draws, seeds, tes
     if not stores and not synthetic_names:
         raise click.UsageError("give at least one --dataset NAME --root PATH, --store or --synthetic")
     report = run_bench(list(stores), list(synthetic_names), base, seeds=seeds, out=out, test_rate=test_rate,
-                       train_rate=train_rate, test_types=test_types, draws=draws, labeled_fraction=labeled_fraction,
-                       log=log)
+                       train_rate=train_rate, test_types=test_types, draws=draws, splits=splits,
+                       labeled_fraction=labeled_fraction, log=log)
     click.echo("\n".join(report["table"]))
     click.echo(f"wrote {out}/accuracy.json, accuracy.txt, accuracy.png")

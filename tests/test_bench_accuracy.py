@@ -10,11 +10,12 @@ from click.testing import CliRunner
 
 from embcache.bench import accuracy as bench_accuracy
 from embcache.bench.accuracy import (_resamples, acceptance, format_acceptance, keep_labels, linear_probe,
-                                     pack_correct, paired_intervals, pooled_margins, synthetic_bayes, unpack_correct)
-from embcache.bench.synthetic import bayes_accuracy, make_features
+                                     pack_correct, paired_intervals, pooled_margins, resplit, synthetic_bayes,
+                                     unpack_correct)
+from embcache.bench.synthetic import bayes_accuracy, make_features, make_store
 from embcache.cli.bench_accuracy import accuracy_command
 from embcache.config import FitError
-from embcache.data import dataset_from_features
+from embcache.data import dataset_from_features, load_dataset
 from embcache.metrics import task_metrics
 from embcache.missing import apply_missing
 
@@ -224,6 +225,55 @@ def test_synthetic_draws_are_summarised_over_draws(tmp_path, monkeypatch):
         assert cell["predict"]["margin"]["std"] == pytest.approx(abs(margins[0] - margins[1]) / 2 ** 0.5)
     table = (tmp_path / "out" / "accuracy.txt").read_text()
     assert "synthetic-predictable over 2 draws" in table and "mean ± std over draws [1, 2]" in table
+
+
+def test_a_resplit_deals_the_same_rows_into_splits_of_the_same_sizes(tmp_path):
+    data = load_dataset(make_store(str(tmp_path / "s.zarr"), **TINY, seed=4, absent_image=0.1))
+    assert resplit(data, 0) is data  # split 0: the store's own
+    rows = {}  # id -> (split, image, present image, label) in the store's own split
+    for name, sp in data.splits.items():
+        for i, row_id in enumerate(sp.ids):
+            rows[row_id] = (name, sp.emb["image"][i], sp.present["image"][i], sp.labels[i])
+    one = resplit(data, 1)
+    moved = 0
+    for name, sp in one.splits.items():
+        assert len(sp) == len(data.splits[name])
+        assert (np.diff(sp.index) > 0).all()  # the store's row order kept within each split
+        for i, row_id in enumerate(sp.ids):  # every row keeps what it holds
+            was, image, present, label = rows.pop(row_id)
+            moved += was != name
+            assert (sp.emb["image"][i] == image).all() and sp.present["image"][i] == present and sp.labels[i] == label
+    assert rows == {}  # every row dealt, once
+    assert moved > len(data.splits["test"])  # a new deal, not the old one
+    again, two = resplit(data, 1), resplit(data, 2)
+    assert all((again.splits[n].ids == one.splits[n].ids).all() for n in one.splits)  # the same deal each run
+    assert set(two.splits["test"].ids) != set(one.splits["test"].ids)
+
+
+def test_a_store_over_its_splits_is_summarised_and_checked_over_them(tmp_path):
+    url = make_store(str(tmp_path / "s.zarr"), **TINY, seed=4)
+    result = CliRunner().invoke(accuracy_command, [
+        "--store", url, "--splits", "2", "--seeds", "0,1", "--test-types", "both", *FAST,
+        "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert [(d["name"], d["draw"]) for d in report["datasets"]] == [("s@split0", 0), ("s@split1", 1)]
+    (over,) = report["over_draws"]
+    assert (over["name"], over["over"], over["draws"], over["group"]) == ("s over 2 splits", "splits", [0, 1], "s")
+    per_split = [d["summary"]["complete"]["both"] for d in report["datasets"]]
+    cell = over["summary"]["complete"]["both"]
+    for impute in ("predict", "zero", "mean"):
+        split_means, split_stds = ([q[impute]["missing"][key] for q in per_split] for key in ("mean", "std"))
+        assert cell[impute]["missing"]["mean"] == pytest.approx(np.mean(split_means))
+        assert cell[impute]["seed_std"]["mean"] == pytest.approx(np.mean(split_stds))
+    # the seed-spread check reads the splits' own seed stds, averaged (not the std between splits)
+    seed_stds = [[over["summary"][setting]["both"][impute]["seed_std"]["mean"] for impute in ("predict", "zero")]
+                 for setting in ("complete", "missing")]
+    assert over["checks"]["spread"]["value"] in seed_stds
+    table = (tmp_path / "out" / "accuracy.txt").read_text()
+    assert "s over 2 splits" in table and "mean ± std over splits [0, 1] of the mean over seeds [0, 1]" in table
+    refused = CliRunner().invoke(accuracy_command, ["--dataset", "manifest", "--root", url, "--splits", "2"])
+    assert refused.exit_code != 0 and "--splits applies to --store" in refused.output
 
 
 def test_labeled_fraction_keeps_the_labels_of_the_same_rows_independently_of_the_protocol():

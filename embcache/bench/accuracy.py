@@ -33,7 +33,7 @@ import torch
 
 from embcache.bench import synthetic
 from embcache.config import IMPUTE_MODES, FitConfig, FitError
-from embcache.data import FeatureSet, SplitTensors, dataset_from_features, labeled, load_dataset, masks_to
+from embcache.data import FeatureSet, SplitData, SplitTensors, dataset_from_features, labeled, load_dataset, masks_to
 from embcache.evaluate import predict_split, scenario_metrics
 from embcache.metrics import MAIN_METRIC, interval95, resample_rows, task_metrics
 from embcache.missing import MISSING_TYPES, MODALITIES, scenario_present, unit_hash
@@ -107,6 +107,37 @@ def keep_labels(data: FeatureSet, fraction: float, seed: int) -> FeatureSet:
     train = data.splits["train"]
     labels = np.where(unit_hash(train.ids, seed, salt="labels:") < fraction, train.labels, -1)
     return replace(data, splits={**data.splits, "train": replace(train, labels=labels)})
+
+
+def resplit(data: FeatureSet, split: int) -> FeatureSet:
+    """Partition `split` of the data's rows into train / val / test: 0 is the data's own; k >= 1 deals the same rows
+    anew into splits of the same sizes, in the order of a hash of (k, id) (repeated hold-out: `bench accuracy
+    --splits`). A row keeps its id, so the missing-modality protocol (a hash of seed and id) treats it alike
+    wherever it lands."""
+    if split == 0:
+        return data
+    names = ("train", "val", "test")
+    parts = [data.splits[name] for name in names]
+    if any(part.streamed for part in parts):
+        raise FitError("--splits deals the rows of a store anew and needs them in memory; this store is streamed "
+                       "(above --memory-budget-gb): run it with --splits 1")
+    merged = SplitData(np.concatenate([p.ids for p in parts]),
+                       {m: np.concatenate([p.emb[m] for p in parts]) for m in MODALITIES},
+                       {m: np.concatenate([p.present[m] for p in parts]) for m in MODALITIES},
+                       np.concatenate([p.labels for p in parts]),
+                       np.concatenate([p.index for p in parts]) if all(p.index is not None for p in parts) else None)
+    if merged.index is not None and len(set(data.sources.values())) == 1:  # one store: keep its row order
+        merged = merged.rows(np.argsort(merged.index, kind="stable"))
+    else:
+        merged.index = None  # rows of several stores: their store rows are not one order
+    rank = np.argsort(unit_hash(merged.ids, split, salt="split:"), kind="stable")
+    edges = np.cumsum([0] + [len(p) for p in parts])
+    splits = {}
+    for name, lo, hi in zip(names, edges[:-1], edges[1:]):
+        mask = np.zeros(len(merged), dtype=bool)
+        mask[rank[lo:hi]] = True
+        splits[name] = merged.rows(mask)
+    return replace(data, splits=splits)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,9 +406,10 @@ def pooled_margins(entries: list[dict]) -> dict | None:
     return out
 
 
-def over_draws(name: str, draws: list[dict]) -> dict:
-    """One report entry for the draws of a synthetic cache: each number is the mean ± std over draws of the
-    per-draw mean over seeds; `margin` (predict - best baseline) is taken per draw, then averaged."""
+def over_draws(name: str, draws: list[dict], kind: str = "draws") -> dict:
+    """One report entry for the draws of a synthetic cache (kind "draws") or the splits of a store ("splits"): each
+    number is the mean ± std over draws of the per-draw mean over seeds; `margin` (predict - best baseline) is taken
+    per draw, then averaged; `seed_std` is the mean over draws of the per-draw std over seeds."""
     first = draws[0]
     summary: dict = {}
     for setting in SETTINGS:
@@ -387,6 +419,7 @@ def over_draws(name: str, draws: list[dict]) -> dict:
                 per_draw = [d["summary"][setting][test_type][impute] for d in draws]
                 out[impute] = {key: _stats([q[key]["mean"] for q in per_draw]) if per_draw[0][key] else None
                                for key in ("missing", "full", "r2")}
+                out[impute]["seed_std"] = _stats([q["missing"]["std"] for q in per_draw])
             if "predict" in out and len(out) > 1:
                 out["predict"]["margin"] = _stats([
                     d["summary"][setting][test_type]["predict"]["missing"]["mean"]
@@ -397,7 +430,7 @@ def over_draws(name: str, draws: list[dict]) -> dict:
                         for fill, scores in first["summary"]["probe"].items()}
     return {**{k: first[k] for k in ("task", "metric", "classes", "rows", "seeds", "test_rate", "train_rate",
                                        "labeled_fraction")},
-            "name": name, "draws": [d["draw"] for d in draws], "summary": summary,
+            "name": name, "over": kind, "draws": [d["draw"] for d in draws], "summary": summary,
             "bayes": ({scenario: float(np.mean([d["bayes"][scenario] for d in draws])) for scenario in first["bayes"]}
                       if all(d.get("bayes") for d in draws) else None),
             "intervals": paired_intervals([_resamples(d, seed=d["draw"]) for d in draws])}
@@ -418,9 +451,9 @@ def margin_of(by_impute: dict) -> float | None:
 
 def acceptance(ds: dict) -> dict:
     """The checks of NEVER_HURTS, SPREAD_FACTOR and PROBE_SLACK on one report entry (a dataset, or a synthetic cache
-    over its draws: there the margins are the per-draw ones averaged, and the spread check is skipped, its std
-    being over draws). Each check: {ok, value, where, interval: the 95 % bootstrap interval of the difference it
-    judges, or None}; a check is None when the entry lacks what it needs."""
+    over its draws, or a store over its splits: there the margins are the per-draw ones averaged, and the spread
+    check compares the per-draw seed stds averaged). Each check: {ok, value, where, interval: the 95 % bootstrap
+    interval of the difference it judges, or None}; a check is None when the entry lacks what it needs."""
     s, rows = ds["summary"], []
     intervals = ds.get("intervals") or {}
     for setting in SETTINGS:
@@ -440,9 +473,12 @@ def acceptance(ds: dict) -> dict:
     predictable = [m for m in margins if m[2] is not None and m[2] >= HELPS_R2]
     helps = check(min(predictable, key=lambda m: m[0]), HELPS_MARGIN) if predictable else None
     spread = None
-    if "draws" not in ds:
-        ratios = [(by["predict"]["missing"]["std"], by["zero"]["missing"]["std"], where) for where, by, _ in rows
-                  if "zero" in by]
+
+    def seed_std(q):  # over draws: the mean of the draws' seed stds (reports before it existed have none)
+        return q["seed_std"]["mean"] if "draws" in ds else q["missing"]["std"]
+
+    if "draws" not in ds or all("seed_std" in by["predict"] for _, by, _ in rows):
+        ratios = [(seed_std(by["predict"]), seed_std(by["zero"]), where) for where, by, _ in rows if "zero" in by]
         if ratios:
             p_std, z_std, where = max(ratios, key=lambda r: r[0] - SPREAD_FACTOR * r[1])
             spread = {"ok": p_std <= SPREAD_FACTOR * z_std, "value": [p_std, z_std], "where": where, "interval": None}
@@ -493,8 +529,8 @@ def format_report(report: dict) -> list[str]:
     for ds in report["datasets"] + report.get("over_draws", []):
         s, main = ds["summary"], ds["metric"]
         imputes = list(next(iter(s[SETTINGS[0]].values())))
-        spread = (f"mean ± std over draws {ds['draws']} of the mean over seeds {ds['seeds']}" if "draws" in ds
-                  else f"mean ± std over seeds {ds['seeds']}")
+        spread = (f"mean ± std over {ds.get('over', 'draws')} {ds['draws']} of the mean over seeds {ds['seeds']}"
+                  if "draws" in ds else f"mean ± std over seeds {ds['seeds']}")
         lines.append(f"{ds['name']}: {ds['task']}, {ds['classes']} classes, rows train/val/test "
                      f"{ds['rows']['train']}/{ds['rows']['val']}/{ds['rows']['test']}"
                      + (f" (labels kept on {ds['labeled_fraction']:g} of the train rows)"
@@ -586,24 +622,32 @@ def plot_report(report: dict, path: str | Path) -> None:
 
 def run_bench(stores: list[str], synthetic_names: list[str], base: FitConfig, *, seeds: list[int],
               out: str | Path | None = None, test_rate: float = 0.7, train_rate: float = 0.7,
-              test_types=MISSING_TYPES, draws: int | None = None, labeled_fraction: float = 1.0, log=print) -> dict:
-    """The grid on each store and on the first `draws` draws of each synthetic cache (default: all of them)."""
+              test_types=MISSING_TYPES, draws: int | None = None, splits: int = 1, labeled_fraction: float = 1.0,
+              log=print) -> dict:
+    """The grid on each store (on `splits` partitions of its rows: `resplit`) and on the first `draws` draws of each
+    synthetic cache (default: all of them)."""
     datasets = []
-    sources = [(Path(url.rstrip("/")).stem, None, lambda url=url: load_dataset(url)) for url in stores]
+    sources = []  # (name, what varies between its entries or None, draw / split, load)
+    for url in stores:
+        name, load = Path(url.rstrip("/")).stem, lambda url=url: load_dataset(url)
+        sources += ([(name, None, None, load)] if splits == 1 else
+                    [(name, "splits", k, lambda load=load, k=k: resplit(load(), k)) for k in range(splits)])
     for name in synthetic_names:
         _check_synthetic(name)  # before any training starts
-        sources += [(name, draw, lambda name=name, draw=draw: synthetic_dataset(name, draw))
+        sources += [(name, "draws", draw, lambda name=name, draw=draw: synthetic_dataset(name, draw))
                     for draw in SYNTHETIC_DRAWS[name][:draws]]
-    for name, draw, load in sources:
-        label = name if draw is None else f"{name}@{draw}"
+    for name, kind, draw, load in sources:
+        label = name if kind is None else f"{name}@{draw}" if kind == "draws" else f"{name}@split{draw}"
         log(f"{label}: training {len(SETTINGS) * len(test_types) * len(IMPUTE_MODES) * len(seeds)} runs")
         entry = run_dataset(label, load(), base, seeds=seeds, test_rate=test_rate, train_rate=train_rate,
                             test_types=test_types, labeled_fraction=labeled_fraction, log=log)
-        if draw is not None:
-            entry = {**entry, "group": name, "draw": draw,
-                     "bayes": synthetic_bayes(name, draw, test_rate, test_types, base.missing_seed)}
+        if kind is not None:
+            entry = {**entry, "group": name, "draw": draw}
+        if kind == "draws":
+            entry["bayes"] = synthetic_bayes(name, draw, test_rate, test_types, base.missing_seed)
         datasets.append(entry)
-    over = [over_draws(f"{name} over {len(group)} draws", group) | {"group": name} for name in synthetic_names
+    groups = {(name, kind): None for name, kind, _, _ in sources if kind is not None}  # in order, once each
+    over = [over_draws(f"{name} over {len(group)} {kind}", group, kind) | {"group": name} for name, kind in groups
             if len(group := [d for d in datasets if d.get("group") == name]) > 1]
     for entry in datasets + over:
         entry["checks"] = acceptance(entry)

@@ -7,8 +7,8 @@ import click
 
 from embcache.cli.common import protocol_options, user_errors
 from embcache.kernels import BACKENDS, FP32_PRECISIONS
-from embcache.config import (DISTILLS, IMPUTE_MODES, MEAN_FALLBACKS, PREDICTOR_TRAINING, PREDICTORS, SELECTIONS,
-                              SHUFFLES, FitConfig)
+from embcache.config import (DISTILLS, IMPUTE_MODES, MEAN_FALLBACKS, PAIR_HEADS, PREDICTOR_TRAINING, PREDICTORS,
+                              SELECTIONS, SHUFFLES, FitConfig)
 
 D = FitConfig()  # defaults shown in --help come from the config dataclass, the single source
 
@@ -76,6 +76,10 @@ RATE = click.FloatRange(0.0, 1.0)
               help="Which presence patterns may use the mean-fill model (trained first) where this run's "
                    "classifier did not do better on val: rows with both modalities (complete), every pattern, "
                    "or none (impute predict, zero).")
+@click.option("--pair-head", type=click.Choice(PAIR_HEADS), default=D.pair_head, show_default=True,
+              help="Average a logistic regression on the real pair (fitted on the labeled training pairs, L2 on val) "
+                   "into the answer for rows with both modalities (auto: when pairs are at least half of the "
+                   "labeled training rows).")
 @click.option("--calibrate/--no-calibrate", default=D.calibrate, show_default=True,
               help="Divide the logits by one temperature per presence pattern, fitted on val, so the scores read "
                    "as probabilities (the argmax is unchanged).")

@@ -19,10 +19,12 @@ PREDICTOR_TRAINING = ("staged", "joint")
 SELECTIONS = ("loss", "metric")
 MEAN_FALLBACKS = ("off", "complete", "every")  # FitConfig.mean_fallback
 DISTILLS = ("auto", "on", "off")  # FitConfig.distill
+PAIR_HEADS = ("auto", "on", "off")  # FitConfig.pair_head
 # What a run saved before a setting existed did: FitConfig.from_dict fills these in for old config.json files.
 LEGACY_SETTINGS = {"indicators": False, "substitute": 0.0, "predictor_training": "joint", "shrink": False,
                    "select": "metric", "input_dropout": 0.0, "cross_fit": 0, "vicreg_precision": "ieee",
-                   "linear_head": False, "mean_fallback": "off", "distill": "off", "calibrate": False}
+                   "linear_head": False, "mean_fallback": "off", "distill": "off", "calibrate": False,
+                   "pair_head": "off"}
 
 
 def check_protocol(cfg, error: type[EmbcacheError]) -> None:
@@ -81,6 +83,12 @@ class FitConfig:
     # inference, fitted on the val pairs shown as that pattern (least task loss), so the scores read as
     # probabilities. Argmax and the 0.5 threshold are unchanged; rankings across patterns (AUROC) may change.
     calibrate: bool = True
+    # After selection (before calibration), rows with both modalities get the mean of the classifier's logits and
+    # those of a logistic regression on the real pair alone (the linear probe: labeled training pairs, L-BFGS, L2
+    # chosen on the val pairs). One classifier serves every presence pattern and pairs pay for it; where pairs are
+    # most of the training rows the regression on them is the better answer for pairs, where they are few it is
+    # not (docs/training.md). on | off | auto: on when at least half of the labeled training rows are pairs.
+    pair_head: str = "auto"
     # The classifier's logits = a linear map of its inputs + the MLP. The linear map is a logistic regression fitted
     # first (full-batch L-BFGS, L2 weight chosen on val; docs/training.md) and then kept; the MLP starts at 0 and
     # learns what the linear map misses, and model selection may keep the linear map alone (best epoch 0).
@@ -153,6 +161,8 @@ class FitConfig:
             raise FitError(f"mean_fallback must be one of {MEAN_FALLBACKS}, got {self.mean_fallback!r}")
         if self.distill not in DISTILLS:
             raise FitError(f"distill must be one of {DISTILLS}, got {self.distill!r}")
+        if self.pair_head not in PAIR_HEADS:
+            raise FitError(f"pair_head must be one of {PAIR_HEADS}, got {self.pair_head!r}")
         if self.select not in SELECTIONS:
             raise FitError(f"select must be one of {SELECTIONS}, got {self.select!r}")
         if not 0.0 <= self.substitute <= 1.0:

@@ -35,6 +35,12 @@ def mlp(d_in: int, d_out: int, hidden: int, depth: int, dropout: float, input_dr
     return nn.Sequential(*layers)
 
 
+def fallback_config(cfg: FitConfig) -> FitConfig:
+    """The settings of the mean-fill model inside a run (FitConfig.mean_fallback): its raw answer; the run itself
+    averages in the pair head and calibrates, once, whichever model answers."""
+    return replace(cfg, impute="mean", calibrate=False, pair_head="off")
+
+
 class FusionOutput(NamedTuple):
     logits: torch.Tensor                 # (B, n_outputs)
     z: dict[str, torch.Tensor]           # standardised real embeddings, 0 where absent
@@ -80,10 +86,18 @@ class FusionModel(nn.Module):
                     self.register_buffer(f"shrink_{name}", torch.ones(()))
         if cfg.mean_fallback != "off" and cfg.impute != "mean":
             # mean fill's model, for the presence patterns where it did better on val: loaded by the trainer, frozen
-            self.fallback = FusionModel(dims, n_outputs, replace(cfg, impute="mean", calibrate=False))
+            self.fallback = FusionModel(dims, n_outputs, fallback_config(cfg))
             self.fallback.requires_grad_(False)
             # per pattern (PATTERNS): set by the trainer (train.choose_fallback); off while it fits this model
             self.register_buffer("fallback_on", torch.zeros(len(PATTERNS), dtype=torch.bool))
+        if cfg.pair_head != "off":  # a regression on the standardised real pair, set by `train.fit_pair_head`
+            # skip_init: no draw from the random stream, so every other weight starts as without it
+            self.pair = nn.utils.skip_init(nn.Linear, dims["image"] + dims["text"], n_outputs)
+            self.pair.requires_grad_(False)
+            with torch.no_grad():
+                self.pair.weight.zero_()
+                self.pair.bias.zero_()
+            self.register_buffer("pair_on", torch.zeros((), dtype=torch.bool))  # off until the trainer decides
         if cfg.calibrate:  # per pattern (PATTERNS): set by the trainer (train.calibrate); 1 = the logits as they are
             self.register_buffer("temperature", torch.ones(len(PATTERNS)))
 
@@ -117,7 +131,7 @@ class FusionModel(nn.Module):
         direction -> predictions that replace the predictor's on the first rows (cross-fitted, training)."""
         inputs, z, pred = self.inputs(x, has, hide, first)
         logits = self.head(inputs)
-        if self.training or not (hasattr(self, "fallback") or hasattr(self, "temperature")):
+        if self.training or not any(hasattr(self, name) for name in ("fallback", "pair", "temperature")):
             return FusionOutput(logits, z, pred)  # nothing below applies: skip the presence patterns
         shown = has if hide is None else {m: has[m] & ~hide[m] for m in MODALITIES}
         image, text = shown["image"], shown["text"]
@@ -127,10 +141,16 @@ class FusionModel(nn.Module):
             # classifier on every row; while it is selected nothing falls back, so the second model is skipped.)
             falls_back = (pattern & self.fallback_on).any(1)
             logits = torch.where(falls_back.unsqueeze(1), self.fallback(x, has, hide).logits, logits)
+        if hasattr(self, "pair") and bool(self.pair_on):  # rows shown with both: the pair regression averaged in
+            logits = torch.where(pattern[:, 2:], 0.5 * (logits + self.pair_logits(z)), logits)
         if hasattr(self, "temperature"):  # rows with neither modality keep temperature 1
             temperature = (pattern.to(logits.dtype) @ self.temperature.to(logits.dtype)).masked_fill(~pattern.any(1), 1)
             logits = logits / temperature.unsqueeze(1)
         return FusionOutput(logits, z, pred)
+
+    def pair_logits(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The pair regression's logits on standardised embeddings (meaningful on rows that have both)."""
+        return self.pair(torch.cat([z[m] for m in MODALITIES], dim=1))
 
     @property
     def falls_back(self) -> dict[str, bool]:

@@ -214,6 +214,10 @@ def format_table(metrics: dict) -> str:
         val = metrics["mean_fallback"]["val"][pattern]
         lines.append(f"{rows}: {'the mean-fill model' if falls_back else 'this run'} (val {main} "
                      f"{_num(val['mean'])} mean-fill model, {_num(val['own'])} this run)")
+    if pair := metrics.get("pair_head"):
+        lines.append(f"rows with both modalities: + the pair regression (L2 {pair['l2']:g}, val {main} "
+                     f"{_num(pair['val'])} on the val pairs)" if pair["on"]
+                     else f"pair regression off: {pair.get('skipped', '--pair-head')}")
     calibration = {p: q for p, q in (metrics.get("calibration") or {}).items() if q}
     if calibration:
         lines.append("calibration, temperature per pattern (val loss before -> after): " + ", ".join(

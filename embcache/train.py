@@ -38,7 +38,7 @@ from embcache.data import (FeatureSet, SplitData, SplitTensors, check_finite, da
 from embcache.evaluate import predict_split, scenario_metrics
 from embcache.metrics import MAIN_METRIC, r2_score, task_loss, task_metrics
 from embcache.missing import MODALITIES, apply_missing, scenario_of, scenario_present
-from embcache.models import DIRECTIONS, PATTERNS, FusionModel, FusionOutput
+from embcache.models import DIRECTIONS, PATTERNS, FusionModel, FusionOutput, fallback_config
 from embcache.prompts import attach_prompt_predictors, resolve_predictors
 from embcache.runs import summarize
 from embcache.runtime import Ranks, bind_local_cuda_device, looks_like_run, resolve_device, staged_dir
@@ -571,6 +571,7 @@ class TrainResult:
     linear_head: dict | str | None = None  # the linear head's L2 weight and val score (or why it was skipped)
     mean_fallback: dict | None = None   # the mean-fill model (best epoch, val score, seconds) and where it is used
     calibration: dict | None = None     # per presence pattern: the temperature and the val task loss before / after
+    pair_head: dict | None = None       # whether rows with both get the pair regression, its L2 and val score
 
 
 def epoch_batches(prep: Prepared, cfg: FitConfig, generators: dict):
@@ -611,7 +612,7 @@ def train(data: FeatureSet, prep: Prepared, cfg: FitConfig, progress: bool = Tru
     staged: dict = {}
     fallback, fallback_report = None, None
     if cfg.impute != "mean" and cfg.mean_fallback != "off":  # mean fill's model first, same seed and batches
-        mean_cfg = replace(cfg, impute="mean", calibrate=False)  # the run calibrates what it answers, once
+        mean_cfg = fallback_config(cfg)
         first = train(data, prepared_for(prep, data, mean_cfg), mean_cfg, progress)
         fallback = first.model
         fallback_report = {"model": "impute mean", "best_epoch": first.best_epoch, "val": first.best_value,
@@ -658,10 +659,11 @@ def train(data: FeatureSet, prep: Prepared, cfg: FitConfig, progress: bool = Tru
         model.load_state_dict(best_state)
     if fallback is not None and lead:
         fallback_report.update(choose_fallback(model, prep, cfg, data.task_type))
+    pair_head = fit_pair_head(model, prep, cfg, data.task_type) if cfg.pair_head != "off" and lead else None
     calibration = calibrate(model, prep, cfg, data.task_type) if cfg.calibrate and lead else None
     summary = {k: v for k, v in staged.items() if k not in ("out_of_fold", "paired_position", "linear_head")}
     return TrainResult(model, curves, best_epoch, best_value, time.perf_counter() - start, summary or None,
-                       staged.get("linear_head"), fallback_report, calibration)
+                       staged.get("linear_head"), fallback_report, calibration, pair_head)
 
 
 def choose_fallback(model: FusionModel, prep: Prepared, cfg: FitConfig, task_type: str) -> dict:
@@ -692,6 +694,43 @@ def choose_fallback(model: FusionModel, prep: Prepared, cfg: FitConfig, task_typ
         falls_back[pattern] = own is None or mean is None or mean >= own
     model.falls_back = falls_back
     return {"val": scores, "falls_back": falls_back}
+
+
+def fit_pair_head(model: FusionModel, prep: Prepared, cfg: FitConfig, task_type: str) -> dict:
+    """FitConfig.pair_head: fit `model.pair`, a logistic regression on the standardised [image, text] of the labeled
+    training pairs, for each L2 weight of LINEAR_L2, keep the one with the best val score on the val pairs (model
+    selection's criterion), and turn it on ("auto": when at least half of the labeled training rows are pairs).
+    Returns {on, pairs, labeled, l2, val} for config.json (`skipped`: why it was not fitted)."""
+    rows = labeled_rows(task_type, prep.train.y)
+    pairs = rows & prep.has["image"] & prep.has["text"]
+    n_pairs, n_labeled = int(pairs.sum()), int(rows.sum())
+    report = {"on": False, "pairs": n_pairs, "labeled": n_labeled}
+    if cfg.pair_head == "auto" and 2 * n_pairs < n_labeled:
+        return {**report, "skipped": "fewer than half of the labeled training rows are pairs (--pair-head auto)"}
+    if prep.train_split.streamed or prep.val_split.streamed:
+        return {**report, "skipped": "the rows are streamed"}
+    val = torch.as_tensor(prep.val_split.present["image"] & prep.val_split.present["text"], device=prep.device)
+    val = val & labeled_rows(task_type, prep.val.y)
+    if n_pairs == 0 or not bool(val.any()):
+        return {**report, "skipped": "no labeled training pairs" if n_pairs == 0 else "no labeled val pairs"}
+
+    def standardized(x: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+        return torch.cat([model.standardize(m, x[m][keep]) for m in MODALITIES], dim=1)
+
+    x, y = standardized(prep.train.x, pairs), prep.train.y[pairs]
+    if len(x) > LINEAR_HEAD_ROWS:  # a fixed random subset
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:LINEAR_HEAD_ROWS].to(x.device)
+        x, y = x[pick], y[pick]
+    x_val, y_val = standardized(prep.val.x, val), prep.val.y[val]
+    best = None
+    for l2 in LINEAR_L2:
+        fit_logistic(model.pair, x, y, task_type, l2)
+        value, _, key = selection_key(cfg, task_type, model.pair(x_val), y_val)
+        if best is None or (key is not None and (best[0] is None or key > best[0])):
+            best = (key, {"l2": l2, "val": value}, {k: v.clone() for k, v in model.pair.state_dict().items()})
+    model.pair.load_state_dict(best[2])
+    model.pair_on.fill_(True)
+    return {**report, **best[1], "on": True}
 
 
 def val_pairs_shown_as(prep: Prepared) -> dict[str, dict[str, torch.Tensor]]:
@@ -895,7 +934,8 @@ def write_run(run_dir: Path, data: FeatureSet, prep: Prepared, cfg: FitConfig, r
         "split": "val", "scenario": prep.resolved["selection_scenario"], "metric": MAIN_METRIC[data.task_type],
         "best_epoch": result.best_epoch, "value": result.best_value, "epochs": cfg.epochs,
         "by": cfg.select}, "predictor_training": result.predictors,
-        "linear_head": result.linear_head, "mean_fallback": result.mean_fallback, "calibration": result.calibration}
+        "linear_head": result.linear_head, "mean_fallback": result.mean_fallback, "pair_head": result.pair_head,
+        "calibration": result.calibration}
     write_json(run_dir / "config.json", {**asdict(cfg), "resolved": resolved})
     save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
               str(run_dir / "model.safetensors"), metadata={"format": "embcache.fit/1"})

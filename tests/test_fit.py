@@ -87,6 +87,12 @@ def test_run_folder_layout_and_metrics_keys(runs):
     assert fallback == config["resolved"]["mean_fallback"] and list(fallback["falls_back"]) == ["both"]
     answer = "the mean-fill model" if fallback["falls_back"]["both"] else "this run"
     assert f"rows with both modalities: {answer} (val f1_macro" in format_table(metrics)
+    pair = metrics["pair_head"]  # the default --pair-head auto: off where pairs are 30 % of the training rows
+    assert pair == config["resolved"]["pair_head"] and not pair["on"] and pair["pairs"] < pair["labeled"] / 2
+    assert "pair regression off: fewer than half of the labeled training rows are pairs" in format_table(metrics)
+    complete = metrics_of(runs["predict", 0.0])  # complete training: on
+    assert complete["pair_head"]["on"] and complete["pair_head"]["pairs"] >= complete["pair_head"]["labeled"] / 2
+    assert "rows with both modalities: + the pair regression (L2 " in format_table(complete)
     calibration = metrics["calibration"]  # the default --calibrate: one temperature per presence pattern
     assert calibration == config["resolved"]["calibration"] and set(calibration) == {"image", "text", "both"}
     temperature = load_file(str(run / "model.safetensors"))["temperature"]

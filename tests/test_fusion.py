@@ -168,6 +168,53 @@ def test_calibration_divides_each_patterns_logits_by_its_val_temperature(predict
                               predict_logits(plain.model, x, mixed)[text_only] / temperature["text"])
 
 
+def test_the_pair_head_is_the_probe_on_real_pairs_averaged_into_rows_with_both(predictable):
+    """--pair-head: a logistic regression on the standardised [image, text] of the labeled training pairs (L2 chosen
+    on the val pairs) whose logits are averaged with the classifier's on rows shown with both modalities, at
+    inference only; "auto" turns it on where pairs are at least half of the labeled training rows."""
+    device = torch.device("cpu")
+    cfg = FitConfig(impute="zero", train_missing_rate=0.0, calibrate=False, **SMALL)  # raw logits
+    run = train(predictable, prepare(predictable, cfg, device), cfg, progress=False)
+    plain = train(predictable, prepare(predictable, replace(cfg, pair_head="off"), device),
+                  replace(cfg, pair_head="off"), progress=False)
+    model, report = run.model, run.pair_head
+    train_split = predictable.splits["train"]
+    assert report["on"] and bool(model.pair_on) and report["l2"] in train_module.LINEAR_L2
+    assert report["pairs"] == report["labeled"] == len(train_split)
+    # the regression sits at the regularised optimum on the training pairs: its objective's gradient vanishes
+    z = {m: model.standardize(m, torch.as_tensor(train_split.emb[m])) for m in MODALITIES}
+    head = torch.nn.Linear(sum(predictable.dims.values()), predictable.n_outputs)
+    head.load_state_dict(model.pair.state_dict())
+    loss = (torch.nn.functional.cross_entropy(head(torch.cat([z[m] for m in MODALITIES], 1)),
+                                              torch.as_tensor(train_split.labels))
+            + report["l2"] * head.weight.pow(2).sum())
+    assert max(g.abs().max().item() for g in torch.autograd.grad(loss, list(head.parameters()))) < 1e-3
+    val = predictable.splits["val"]
+    z_val = {m: model.standardize(m, torch.as_tensor(val.emb[m])) for m in MODALITIES}
+    chosen = model.pair_logits(z_val).argmax(1)
+    assert report["val"] == pytest.approx((chosen == torch.as_tensor(val.labels)).float().mean().item())
+
+    test = predictable.splits["test"]
+    x = {m: torch.as_tensor(test.emb[m]) for m in MODALITIES}
+    mixed = {"image": torch.arange(len(test)) % 3 != 1, "text": torch.arange(len(test)) % 3 != 0}
+    both = mixed["image"] & mixed["text"]
+    own, out = predict_logits(plain.model, x, mixed), predict_logits(model, x, mixed)  # the same classifier
+    z = {m: model.standardize(m, x[m]) for m in MODALITIES}
+    assert torch.allclose(out[both], 0.5 * (own[both] + model.pair_logits(z)[both]), atol=1e-6)
+    assert torch.equal(out[~both], own[~both]) and not torch.allclose(out[both], own[both])
+    model.train()
+    assert torch.equal(model(x, mixed).logits, plain.model.train()(x, mixed).logits)  # training: the classifier
+    # "auto" with most training rows lacking a modality: off, and the run is the run without it
+    missing = replace(cfg, train_missing_rate=0.7)
+    auto = train(predictable, prepare(predictable, missing, device), missing, progress=False)
+    assert not auto.pair_head["on"] and "fewer than half" in auto.pair_head["skipped"]
+    forced = train(predictable, prepare(predictable, replace(missing, pair_head="on"), device),
+                   replace(missing, pair_head="on"), progress=False)
+    assert forced.pair_head["on"] and forced.pair_head["pairs"] < forced.pair_head["labeled"] / 2
+    off, on = predict_logits(auto.model, x, mixed), predict_logits(forced.model, x, mixed)
+    assert torch.equal(off[~both], on[~both]) and not torch.allclose(off[both], on[both])
+
+
 def test_the_best_temperature_recovers_the_one_that_made_the_labels():
     generator = torch.Generator().manual_seed(0)
     logits = 3 * torch.randn(4000, 5, generator=generator, dtype=torch.float64)

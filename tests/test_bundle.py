@@ -38,7 +38,8 @@ def trained(tmp_path_factory):
             progress=False, log=lambda *_: None)
     assert open_store(str(tmp / "s.zarr")).encoder("text")["bitfit_sha256"] == sha256_file(
         str(tmp / "text-bitfit.safetensors"))
-    fit(FitConfig(store=str(tmp / "s.zarr"), epochs=3), str(tmp / "run"), progress=False)
+    # complete training, so that the default --pair-head auto is on: the bundle must carry it too
+    fit(FitConfig(store=str(tmp / "s.zarr"), epochs=3, train_missing_rate=0.0), str(tmp / "run"), progress=False)
     result = CliRunner().invoke(cli, ["export", str(tmp / "run"), "--out", str(tmp / "m.embcache")])
     assert result.exit_code == 0, result.output
     return tmp, tiny
@@ -65,6 +66,7 @@ def test_predict_on_raw_inputs_matches_eval_from_the_cache(trained):
     assert result.exit_code == 0, result.output
     preds = [json.loads(line) for line in open(tmp / "preds.jsonl")]
     expected, features = cache_scores(tmp)
+    assert bool(load_run(tmp / "run")[2].pair_on)
     got = np.array([[p["scores"][c] for c in features.classes] for p in preds])
     assert [p["id"] for p in preds] == list(features.ids)
     np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -89,7 +89,7 @@ def test_run_folder_layout_and_metrics_keys(runs):
     assert f"rows with both modalities: {answer} (val f1_macro" in format_table(metrics)
     pair = metrics["pair_head"]  # the default --pair-head auto: off where pairs are 30 % of the training rows
     assert pair == config["resolved"]["pair_head"] and not pair["on"] and pair["pairs"] < pair["labeled"] / 2
-    assert "pair regression off: fewer than half of the labeled training rows are pairs" in format_table(metrics)
+    assert "pair regression off: the labeled training pairs are fewer than half" in format_table(metrics)
     complete = metrics_of(runs["predict", 0.0])  # complete training: on
     assert complete["pair_head"]["on"] and complete["pair_head"]["pairs"] >= complete["pair_head"]["labeled"] / 2
     assert "rows with both modalities: + the pair regression (L2 " in format_table(complete)

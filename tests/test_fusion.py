@@ -208,6 +208,10 @@ def test_the_pair_head_is_the_probe_on_real_pairs_averaged_into_rows_with_both(p
     missing = replace(cfg, train_missing_rate=0.7)
     auto = train(predictable, prepare(predictable, missing, device), missing, progress=False)
     assert not auto.pair_head["on"] and "fewer than half" in auto.pair_head["skipped"]
+    few_labels = keep_labels(predictable, 0.2, seed=0)  # complete training, most pairs unlabeled: off too
+    cfg_few = replace(cfg, pair_head="auto")
+    report = train(few_labels, prepare(few_labels, cfg_few, device), cfg_few, progress=False).pair_head
+    assert not report["on"] and report["pairs"] == report["labeled"] < report["all_pairs"] / 2
     forced = train(predictable, prepare(predictable, replace(missing, pair_head="on"), device),
                    replace(missing, pair_head="on"), progress=False)
     assert forced.pair_head["on"] and forced.pair_head["pairs"] < forced.pair_head["labeled"] / 2

@@ -87,8 +87,8 @@ openmoji: $(STAMP)
 # margins pooled over their test rows last. The features are extracted once into $(BENCH)/<set>.zarr. By the
 # reports' own timing, one core each: icons 5 min, synthetic 4 min, tabler 14 min, openmoji 4 min; with 10 %
 # labels (distillation on) tabler 9 min, openmoji 4 min.
-.PHONY: bench-accuracy
-bench-accuracy: $(STAMP)
+.PHONY: bench-accuracy bench-stores
+bench-stores: $(STAMP)
 	test -d $(BENCH)/icons.zarr || $(OFFLINE) $(EMBCACHE) extract --dataset manifest --root data/icons/manifest.jsonl \
 		--out $(BENCH)/icons.zarr --quiet
 	for set in tabler openmoji; do \
@@ -96,6 +96,8 @@ bench-accuracy: $(STAMP)
 		test -d $(BENCH)/$$set.zarr || $(OFFLINE) $(EMBCACHE) extract --dataset manifest \
 			--root $(BENCH)/$$set/manifest.jsonl --out $(BENCH)/$$set.zarr --quiet || exit 1; \
 	done
+
+bench-accuracy: bench-stores
 	$(OFFLINE) $(EMBCACHE) bench accuracy --store $(BENCH)/icons.zarr --store $(BENCH)/tabler.zarr \
 		--store $(BENCH)/openmoji.zarr --synthetic synthetic-predictable --test-types both --seeds 0,1,2 --threads 1 \
 		--out $(BENCH)/accuracy
@@ -103,6 +105,14 @@ bench-accuracy: $(STAMP)
 		--labeled-fraction 0.1 --test-types both --seeds 0,1,2 --threads 1 --out $(BENCH)/accuracy-labels-0.1
 	$(OFFLINE) PYTHONSAFEPATH=1 $(PY) scripts/plot_margins.py $(BENCH)/margins.png $(BENCH)/accuracy/accuracy.json \
 		$(BENCH)/accuracy-labels-0.1/accuracy.json
+
+# The same grid on five deals of the rows of icons and openmoji into train / val / test (`--splits 5`; BENCHMARKS.md,
+# stop 29): one test set of a few hundred rows is a sample, the five average its luck out. 23 min per set on one
+# core.
+.PHONY: bench-accuracy-splits
+bench-accuracy-splits: bench-stores
+	$(OFFLINE) $(EMBCACHE) bench accuracy --store $(BENCH)/icons.zarr --store $(BENCH)/openmoji.zarr --splits 5 \
+		--test-types both --seeds 0,1,2 --threads 1 --out $(BENCH)/accuracy-splits
 
 # Predict's margin and the Bayes headroom against cross-modal R2 and training rows, on synthetic caches
 # (BENCHMARKS.md, stop 28): 43 min of runs, 24 min on 2 cores. Resumes from $(BENCH)/sweep/sweep.json. The real

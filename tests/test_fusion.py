@@ -171,7 +171,8 @@ def test_calibration_divides_each_patterns_logits_by_its_val_temperature(predict
 def test_the_pair_head_is_the_probe_on_real_pairs_averaged_into_rows_with_both(predictable):
     """--pair-head: a logistic regression on the standardised [image, text] of the labeled training pairs (L2 chosen
     on the val pairs) whose logits are averaged with the classifier's on rows shown with both modalities, at
-    inference only; "auto" turns it on where pairs are at least half of the labeled training rows."""
+    inference only; "auto" turns it on where the labeled training pairs are at least half of the labeled rows and
+    of the pairs."""
     device = torch.device("cpu")
     cfg = FitConfig(impute="zero", train_missing_rate=0.0, calibrate=False, **SMALL)  # raw logits
     run = train(predictable, prepare(predictable, cfg, device), cfg, progress=False)
@@ -204,7 +205,7 @@ def test_the_pair_head_is_the_probe_on_real_pairs_averaged_into_rows_with_both(p
     assert torch.equal(out[~both], own[~both]) and not torch.allclose(out[both], own[both])
     model.train()
     assert torch.equal(model(x, mixed).logits, plain.model.train()(x, mixed).logits)  # training: the classifier
-    # "auto" with most training rows lacking a modality: off, and the run is the run without it
+    # "auto" with most training rows lacking a modality: off; forced on, it changes the rows with both only
     missing = replace(cfg, train_missing_rate=0.7)
     auto = train(predictable, prepare(predictable, missing, device), missing, progress=False)
     assert not auto.pair_head["on"] and "fewer than half" in auto.pair_head["skipped"]

@@ -79,7 +79,7 @@ RATE = click.FloatRange(0.0, 1.0)
 @click.option("--pair-head", type=click.Choice(PAIR_HEADS), default=D.pair_head, show_default=True,
               help="Average a logistic regression on the real pair (fitted on the labeled training pairs, L2 on val) "
                    "into the answer for rows with both modalities (auto: where the labeled training pairs are at "
-                   "least half of the labeled rows and of the pairs).")
+                   "least half of the labeled training rows).")
 @click.option("--calibrate/--no-calibrate", default=D.calibrate, show_default=True,
               help="Divide the logits by one temperature per presence pattern, fitted on val, so the scores read "
                    "as probabilities (the argmax is unchanged).")

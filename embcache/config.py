@@ -88,7 +88,7 @@ class FitConfig:
     # chosen on the val pairs). One classifier serves every presence pattern and pairs pay for it; where pairs are
     # most of the training rows the regression on them is the better answer for pairs, where they are few it is
     # not (docs/training.md). on | off | auto: on where the labeled training pairs are at least half of the labeled
-    # training rows and half of the training pairs.
+    # training rows.
     pair_head: str = "auto"
     # The classifier's logits = a linear map of its inputs + the MLP. The linear map is a logistic regression fitted
     # first (full-batch L-BFGS, L2 weight chosen on val; docs/training.md) and then kept; the MLP starts at 0 and

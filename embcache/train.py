@@ -700,15 +700,15 @@ def fit_pair_head(model: FusionModel, prep: Prepared, cfg: FitConfig, task_type:
     """FitConfig.pair_head: fit `model.pair`, a logistic regression on the standardised [image, text] of the labeled
     training pairs, for each L2 weight of LINEAR_L2, keep the one with the best val score on the val pairs (model
     selection's criterion), and turn it on ("auto": where the labeled training pairs, all it learns from, are at
-    least half of the labeled training rows and half of the training pairs, which the classifier learns from).
+    least half of the labeled training rows, which the classifier learns from).
     Returns {on, pairs, labeled, all_pairs, l2, val} for config.json (`skipped`: why it was not fitted)."""
     rows = labeled_rows(task_type, prep.train.y)
     pairs = rows & prep.has["image"] & prep.has["text"]
     n_pairs, n_labeled, n_all = int(pairs.sum()), int(rows.sum()), prep.resolved["rows"]["train_paired"]
     report = {"on": False, "pairs": n_pairs, "labeled": n_labeled, "all_pairs": n_all}
-    if cfg.pair_head == "auto" and 2 * n_pairs < max(n_labeled, n_all):
-        return {**report, "skipped": "the labeled training pairs are fewer than half of the labeled rows or of the "
-                                     "pairs (--pair-head auto)"}
+    if cfg.pair_head == "auto" and 2 * n_pairs < n_labeled:
+        return {**report, "skipped": "the labeled training pairs are fewer than half of the labeled rows "
+                                     "(--pair-head auto)"}
     if prep.train_split.streamed or prep.val_split.streamed:
         return {**report, "skipped": "the rows are streamed"}
     val = torch.as_tensor(prep.val_split.present["image"] & prep.val_split.present["text"], device=prep.device)

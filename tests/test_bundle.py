@@ -38,10 +38,9 @@ def trained(tmp_path_factory):
             progress=False, log=lambda *_: None)
     assert open_store(str(tmp / "s.zarr")).encoder("text")["bitfit_sha256"] == sha256_file(
         str(tmp / "text-bitfit.safetensors"))
-    # the pair head forced on (auto leaves it off: most demo pairs have no label), in complete training so that
-    # every labeled row is a pair: the bundle must carry it too
-    fit(FitConfig(store=str(tmp / "s.zarr"), epochs=3, train_missing_rate=0.0, pair_head="on"), str(tmp / "run"),
-        progress=False)
+    # complete training, so that every labeled row is a pair and the default --pair-head auto is on: the bundle
+    # must carry it too
+    fit(FitConfig(store=str(tmp / "s.zarr"), epochs=3, train_missing_rate=0.0), str(tmp / "run"), progress=False)
     result = CliRunner().invoke(cli, ["export", str(tmp / "run"), "--out", str(tmp / "m.embcache")])
     assert result.exit_code == 0, result.output
     return tmp, tiny

@@ -543,17 +543,25 @@ def fit_linear_head(model: FusionModel, prep: Prepared, cfg: FitConfig, staged: 
     LINEAR_L2 and keep the one whose val score under the selection scenario is best (`selection_key`; the MLP
     is still 0, so the model's val logits are the head's). Returns {l2, val, rows} for config.json."""
     x, y, weight = linear_head_rows(model, prep, cfg, staged)
-    if len(x) > LINEAR_HEAD_ROWS:  # a fixed random subset
+    return select_logistic(model.linear, x, y, weight, cfg, prep.resolved["task"], lambda: selection_key(
+        cfg, prep.resolved["task"], predict_split(model, prep.val_split, prep.val, prep.val_has), prep.val.y))
+
+
+def select_logistic(head: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
+                    cfg: FitConfig, task_type: str, score) -> dict:
+    """Fit `head` (`fit_logistic`) on at most LINEAR_HEAD_ROWS of the rows (a fixed random subset above) for each L2
+    weight of LINEAR_L2, strong to weak, each warm-started from the last, and keep the weights whose `score()` (a
+    `selection_key` triple on val) is best. Returns {l2, val, rows}."""
+    if len(x) > LINEAR_HEAD_ROWS:
         pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:LINEAR_HEAD_ROWS].to(x.device)
-        x, y, weight = x[pick], y[pick], weight[pick]
+        x, y, weight = x[pick], y[pick], None if weight is None else weight[pick]
     best = None
     for l2 in LINEAR_L2:
-        fit_logistic(model.linear, x, y, prep.resolved["task"], l2, weight)
-        value, _, key = selection_key(cfg, prep.resolved["task"],
-                                      predict_split(model, prep.val_split, prep.val, prep.val_has), prep.val.y)
+        fit_logistic(head, x, y, task_type, l2, weight)
+        value, _, key = score()
         if best is None or (key is not None and (best[0] is None or key > best[0])):
-            best = (key, {"l2": l2, "val": value}, {k: v.clone() for k, v in model.linear.state_dict().items()})
-    model.linear.load_state_dict(best[2])
+            best = (key, {"l2": l2, "val": value}, {k: v.clone() for k, v in head.state_dict().items()})
+    head.load_state_dict(best[2])
     return {**best[1], "rows": len(x)}
 
 
@@ -719,20 +727,11 @@ def fit_pair_head(model: FusionModel, prep: Prepared, cfg: FitConfig, task_type:
     def standardized(x: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
         return torch.cat([model.standardize(m, x[m][keep]) for m in MODALITIES], dim=1)
 
-    x, y = standardized(prep.train.x, pairs), prep.train.y[pairs]
-    if len(x) > LINEAR_HEAD_ROWS:  # a fixed random subset
-        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:LINEAR_HEAD_ROWS].to(x.device)
-        x, y = x[pick], y[pick]
     x_val, y_val = standardized(prep.val.x, val), prep.val.y[val]
-    best = None
-    for l2 in LINEAR_L2:
-        fit_logistic(model.pair, x, y, task_type, l2)
-        value, _, key = selection_key(cfg, task_type, model.pair(x_val), y_val)
-        if best is None or (key is not None and (best[0] is None or key > best[0])):
-            best = (key, {"l2": l2, "val": value}, {k: v.clone() for k, v in model.pair.state_dict().items()})
-    model.pair.load_state_dict(best[2])
+    chosen = select_logistic(model.pair, standardized(prep.train.x, pairs), prep.train.y[pairs], None, cfg, task_type,
+                             lambda: selection_key(cfg, task_type, model.pair(x_val), y_val))
     model.pair_on.fill_(True)
-    return {**report, **best[1], "on": True}
+    return {**report, "l2": chosen["l2"], "val": chosen["val"], "on": True}
 
 
 def val_pairs_shown_as(prep: Prepared) -> dict[str, dict[str, torch.Tensor]]:

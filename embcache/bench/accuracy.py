@@ -627,9 +627,17 @@ def run_bench(stores: list[str], synthetic_names: list[str], base: FitConfig, *,
     """The grid on each store (on `splits` partitions of its rows: `resplit`) and on the first `draws` draws of each
     synthetic cache (default: all of them)."""
     datasets = []
+    loaded: dict = {}  # the store last read: a store's splits share one read, one store in memory at a time
+
+    def load_store(url: str) -> FeatureSet:
+        if url not in loaded:
+            loaded.clear()
+            loaded[url] = load_dataset(url)
+        return loaded[url]
+
     sources = []  # (name, what varies between its entries or None, draw / split, load)
     for url in stores:
-        name, load = Path(url.rstrip("/")).stem, lambda url=url: load_dataset(url)
+        name, load = Path(url.rstrip("/")).stem, lambda url=url: load_store(url)
         sources += ([(name, None, None, load)] if splits == 1 else
                     [(name, "splits", k, lambda load=load, k=k: resplit(load(), k)) for k in range(splits)])
     for name in synthetic_names:

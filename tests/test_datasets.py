@@ -323,9 +323,9 @@ def test_demo_dataset():
     ds = open_dataset("manifest", os.path.join(DATA, "demo", "manifest.jsonl"))
     assert ds.classes == ["blue_food", "blue_sports", "red_food", "red_sports"]
     assert len(ds.samples) == 1300 and not ds.problems
-    assert collections.Counter(s.split for s in ds.samples) == {"train": 900, "val": 100, "test": 300}
+    assert collections.Counter(s.split for s in ds.samples) == {"train": 800, "val": 200, "test": 300}
     labeled = [s for s in ds.samples if s.label >= 0]
-    assert collections.Counter(s.split for s in labeled) == {"train": 150, "val": 100, "test": 300}
+    assert collections.Counter(s.split for s in labeled) == {"train": 150, "val": 200, "test": 300}
     for split in SPLITS:  # every class in every split
         assert {s.label for s in labeled if s.split == split} == {0, 1, 2, 3}
     # the label's topic is the text's; the text's time of day follows the label's colour 90% of the time

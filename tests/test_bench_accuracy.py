@@ -74,7 +74,9 @@ def test_acceptance_checks_name_the_worst_cell():
                                      "interval": None}
     assert checks["helps"]["ok"] is False and checks["helps"]["where"] == "missing missing-both"
     assert checks["spread"] == {"ok": False, "value": [0.010, 0.004], "where": "complete missing-both",
-                                "interval": None}
+                                "interval": None, "mean_fill": 0.0}
+    assert "seed std <= 2 x zero fill's: NO (worst 0.010 vs 0.004; mean fill's 0.000, complete missing-both)" in \
+        "\n".join(format_acceptance(checks))
     assert checks["trainer_vs_probe"] == {"ok": False, "value": [0.79, 0.805], "where": "complete full, zero",
                                           "interval": None}
     ds["summary"]["missing"]["both"]["predict"] = cell(0.64, 0.002, r2=0.2)  # now +0.03, but R2 below 0.3

@@ -478,10 +478,12 @@ def acceptance(ds: dict) -> dict:
         return q["seed_std"]["mean"] if "draws" in ds else q["missing"]["std"]
 
     if "draws" not in ds or all("seed_std" in by["predict"] for _, by, _ in rows):
-        ratios = [(seed_std(by["predict"]), seed_std(by["zero"]), where) for where, by, _ in rows if "zero" in by]
+        ratios = [(seed_std(by["predict"]), seed_std(by["zero"]), where, seed_std(by["mean"]) if "mean" in by else None)
+                  for where, by, _ in rows if "zero" in by]
         if ratios:
-            p_std, z_std, where = max(ratios, key=lambda r: r[0] - SPREAD_FACTOR * r[1])
-            spread = {"ok": p_std <= SPREAD_FACTOR * z_std, "value": [p_std, z_std], "where": where, "interval": None}
+            p_std, z_std, where, m_std = max(ratios, key=lambda r: r[0] - SPREAD_FACTOR * r[1])
+            spread = {"ok": p_std <= SPREAD_FACTOR * z_std, "value": [p_std, z_std], "where": where, "interval": None,
+                      "mean_fill": m_std}  # not judged; printed beside zero fill's, which is often ~0 (one answer)
     probe, full = s["probe"]["mean"]["full"], next(iter(s.get("complete", {}).values()), {})
     scores = [(q["full"]["mean"], i) for i, q in full.items() if q["full"]["mean"] is not None]
     trainer = None
@@ -506,6 +508,8 @@ def format_acceptance(checks: dict) -> list[str]:
             value = values[key].format(*c["value"]) if isinstance(c["value"], list) else values[key].format(c["value"])
             if c.get("interval"):
                 value += f", difference's 95 % interval over test rows {_interval(c['interval'])}"
+            if c.get("mean_fill") is not None:
+                value += f"; mean fill's {c['mean_fill']:.3f}"
             lines.append(f"  check: {claim}: {'yes' if c['ok'] else 'NO'} ({value}, {c['where']})")
     return lines
 

@@ -249,8 +249,8 @@ DEMO_SHAPES = {"round": ("circle", "ellipse"), "angular": ("box", "triangle", "s
 DEMO_TOPIC_OF = {"round": "food", "angular": "sports"}        # what the text's topic follows
 DEMO_TIME_OF = {"red": "evening", "blue": "morning"}     # what the text's time of day follows
 DEMO_AGREEMENT = 0.9
-# 200 val rows: at the protocol's 70 % missing, the predictors' early stopping and shrink factors read ~60 val pairs
-# (30 with 100 val rows, where the margin in missing training was -0.002 on average over three draws; BENCHMARKS.md)
+# 200 val rows: at the protocol's 70 % missing, the predictors' early stopping and shrink factors read ~60 val pairs,
+# not ~30 (BENCHMARKS.md, "The demo's margin and spread are its draw's")
 DEMO_SPLITS = (("train", 800), ("val", 200), ("test", 300))
 DEMO_LABELED_TRAIN = 150   # the other training rows are pairs without a label
 
@@ -306,8 +306,9 @@ def _agreeing(rng: np.random.Generator, options: dict, key: str):
 
 
 def make_demo(out: str) -> None:
-    """1,300 samples; label = (image colour) x (text topic); the text's topic follows the image's shapes and its
-    time of day the image's colour, each 90% of the time; 150 of the 800 training rows are labeled."""
+    """DEMO_SPLITS' samples; label = (image colour) x (text topic); the text's topic follows the image's shapes and
+    its time of day the image's colour, each DEMO_AGREEMENT of the time; DEMO_LABELED_TRAIN training rows are
+    labeled."""
     rng = np.random.default_rng(5)
     n = sum(count for _, count in DEMO_SPLITS)
     splits = np.repeat([name for name, _ in DEMO_SPLITS], [count for _, count in DEMO_SPLITS])

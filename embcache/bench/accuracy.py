@@ -478,12 +478,12 @@ def acceptance(ds: dict) -> dict:
         return q["seed_std"]["mean"] if "draws" in ds else q["missing"]["std"]
 
     if "draws" not in ds or all("seed_std" in by["predict"] for _, by, _ in rows):
-        ratios = [(seed_std(by["predict"]), seed_std(by["zero"]), where, seed_std(by["mean"]) if "mean" in by else None)
-                  for where, by, _ in rows if "zero" in by]
+        ratios = [(seed_std(by["predict"]), seed_std(by["zero"]), where, by) for where, by, _ in rows if "zero" in by]
         if ratios:
-            p_std, z_std, where, m_std = max(ratios, key=lambda r: r[0] - SPREAD_FACTOR * r[1])
+            p_std, z_std, where, by = max(ratios, key=lambda r: r[0] - SPREAD_FACTOR * r[1])
             spread = {"ok": p_std <= SPREAD_FACTOR * z_std, "value": [p_std, z_std], "where": where, "interval": None,
-                      "mean_fill": m_std}  # not judged; printed beside zero fill's, which is often ~0 (one answer)
+                      # not judged; printed beside zero fill's, which is often ~0 (one answer for every seed)
+                      "mean_fill": seed_std(by["mean"]) if "mean" in by else None}
     probe, full = s["probe"]["mean"]["full"], next(iter(s.get("complete", {}).values()), {})
     scores = [(q["full"]["mean"], i) for i, q in full.items() if q["full"]["mean"] is not None]
     trainer = None

@@ -33,7 +33,7 @@ demo: $(STAMP)
 		--out $(DEMO)/predictions.jsonl --quiet
 	@echo
 	@echo "predict vs zero vs mean fill, both training settings, seeds 0,1,2 (README 'What the demo shows'):"
-	$(OFFLINE) $(EMBCACHE) bench accuracy --store $(DEMO)/demo.zarr --test-types both --seeds 0,1,2 \
+	$(OFFLINE) $(EMBCACHE) bench accuracy --store $(DEMO)/demo.zarr --test-types both --seeds 0,1,2 --jobs 2 \
 		--threads 1 --out $(DEMO)/accuracy
 	@echo
 	@echo "BitFit deltas:  $(DEMO)/text-bitfit.safetensors (docs/bitfit-format.md)"
@@ -99,10 +99,10 @@ bench-stores: $(STAMP)
 
 bench-accuracy: bench-stores
 	$(OFFLINE) $(EMBCACHE) bench accuracy --store $(BENCH)/icons.zarr --store $(BENCH)/tabler.zarr \
-		--store $(BENCH)/openmoji.zarr --synthetic synthetic-predictable --test-types both --seeds 0,1,2 --threads 1 \
+		--store $(BENCH)/openmoji.zarr --synthetic synthetic-predictable --test-types both --seeds 0,1,2 --threads 1 --jobs 2 \
 		--out $(BENCH)/accuracy
 	$(OFFLINE) $(EMBCACHE) bench accuracy --store $(BENCH)/tabler.zarr --store $(BENCH)/openmoji.zarr \
-		--labeled-fraction 0.1 --test-types both --seeds 0,1,2 --threads 1 --out $(BENCH)/accuracy-labels-0.1
+		--labeled-fraction 0.1 --test-types both --seeds 0,1,2 --threads 1 --jobs 2 --out $(BENCH)/accuracy-labels-0.1
 	$(OFFLINE) PYTHONSAFEPATH=1 $(PY) scripts/plot_margins.py $(BENCH)/margins.png $(BENCH)/accuracy/accuracy.json \
 		$(BENCH)/accuracy-labels-0.1/accuracy.json
 
@@ -112,7 +112,7 @@ bench-accuracy: bench-stores
 .PHONY: bench-accuracy-splits
 bench-accuracy-splits: bench-stores
 	$(OFFLINE) $(EMBCACHE) bench accuracy --store $(BENCH)/icons.zarr --store $(BENCH)/openmoji.zarr --splits 5 \
-		--test-types both --seeds 0,1,2 --threads 1 --out $(BENCH)/accuracy-splits
+		--test-types both --seeds 0,1,2 --threads 1 --jobs 2 --out $(BENCH)/accuracy-splits
 
 # Predict's margin and the Bayes headroom against cross-modal R2 and training rows, on synthetic caches
 # (BENCHMARKS.md, stop 28): 43 min of runs, 24 min on 2 cores. Resumes from $(BENCH)/sweep/sweep.json. The real

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import click
 
@@ -90,7 +91,11 @@ def _test_types(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--fit-option", "fit_options", multiple=True, metavar="KEY=VALUE", callback=_fit_options,
               help="Any other fit setting, e.g. predictor_hidden=256 (repeatable; names as in FitConfig).")
 @click.option("--device", default=D.device, show_default=True)
-@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for torch (default: torch's).")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="CPU threads for torch, per job (default: torch's; with --jobs N, the cores over N).")
+@click.option("--jobs", type=click.IntRange(1), default=1, show_default=True,
+              help="Worker processes, each training the runs of one (training setting, test type, seed) at a "
+                   "time: the same runs, sooner on a machine with cores to spare.")
 @encoder_options
 @click.option("--cache", default="bench-cache", show_default=True, type=click.Path(file_okay=False),
               help="With --dataset: folder of the extracted stores, one per dataset and encoder settings; a "
@@ -109,7 +114,7 @@ def _test_types(ctx, param, value: str) -> tuple[str, ...]:
 @user_errors
 def accuracy_command(datasets, roots, stores, synthetic_names, draws, splits, seeds, test_types, test_rate, train_rate,
                      labeled_fraction, missing_seed, epochs,
-                     fit_options, device, threads, cache, batch_size, workers, tune_epochs, overwrite, out,
+                     fit_options, device, threads, jobs, cache, batch_size, workers, tune_epochs, overwrite, out,
                      **encoders):
     """Predict vs zero vs mean fill, in complete and missing training.
 
@@ -120,8 +125,8 @@ def accuracy_command(datasets, roots, stores, synthetic_names, draws, splits, se
     """
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
+    if threads or jobs > 1:  # the jobs inherit this process's thread count
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // jobs))
     base = FitConfig(**{**dict(epochs=epochs, device=device, missing_seed=missing_seed), **fit_options})
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     if tune_epochs and not (datasets or roots):
@@ -140,7 +145,7 @@ def accuracy_command(datasets, roots, stores, synthetic_names, draws, splits, se
         report = run_paper(pairs, base, seeds=seeds, encoders=encoders, cache=cache, out=out, test_rate=test_rate,
                            test_types=test_types,
                            train_rate=train_rate, batch_size=batch_size, workers=workers, overwrite=overwrite,
-                           tune_epochs=tune_epochs, log=log)
+                           tune_epochs=tune_epochs, jobs=jobs, log=log)
         click.echo("\n".join(report["markdown"]))
         click.echo(f"wrote {out}/paper.md, paper.json")
         return
@@ -150,6 +155,6 @@ def accuracy_command(datasets, roots, stores, synthetic_names, draws, splits, se
         raise click.UsageError("give at least one --dataset NAME --root PATH, --store or --synthetic")
     report = run_bench(list(stores), list(synthetic_names), base, seeds=seeds, out=out, test_rate=test_rate,
                        train_rate=train_rate, test_types=test_types, draws=draws, splits=splits,
-                       labeled_fraction=labeled_fraction, log=log)
+                       labeled_fraction=labeled_fraction, jobs=jobs, log=log)
     click.echo("\n".join(report["table"]))
     click.echo(f"wrote {out}/accuracy.json, accuracy.txt, accuracy.png")

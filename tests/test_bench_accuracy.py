@@ -10,11 +10,11 @@ from click.testing import CliRunner
 
 from embcache.bench import accuracy as bench_accuracy
 from embcache.bench.accuracy import (_resamples, acceptance, format_acceptance, keep_labels, linear_probe,
-                                     pack_correct, paired_intervals, pooled_margins, resplit, synthetic_bayes,
-                                     unpack_correct)
+                                     pack_correct, paired_intervals, pooled_margins, resplit, run_dataset,
+                                     synthetic_bayes, unpack_correct)
 from embcache.bench.synthetic import bayes_accuracy, make_features, make_store
 from embcache.cli.bench_accuracy import accuracy_command
-from embcache.config import FitError
+from embcache.config import FitConfig, FitError
 from embcache.data import dataset_from_features, load_dataset
 from embcache.metrics import task_metrics
 from embcache.missing import apply_missing
@@ -58,6 +58,23 @@ def test_grid_writes_table_json_and_figure(tmp_path, monkeypatch):
     # a synthetic cache knows its ceiling, and no run beats it
     assert set(ds["bayes"]) == {"full", "missing-both", "missing-image"} and "Bayes-optimal" in table
     assert all(c["test"]["full"]["accuracy"] <= ds["bayes"]["full"] + 0.03 for c in ds["cells"])
+
+
+def test_jobs_train_the_same_runs_in_worker_processes():
+    """--jobs N: each (setting, test type, seed) trains in a spawned worker; the cells, their order and the log
+    lines are those of one process."""
+    data = dataset_from_features(make_features(**TINY, seed=5), "synthetic:jobs")
+    base = FitConfig(epochs=2, predictor_hidden=16, classifier_hidden=16, predictor_epochs=5, device="cpu")
+    kwargs = dict(seeds=[0, 1], test_types=["both"], log=lambda line: lines[-1].append(line))
+    lines = [[]]
+    alone = run_dataset("a", data, base, **kwargs)
+    lines.append([])
+    pooled = run_dataset("a", data, base, jobs=2, **kwargs)
+    strip = lambda cells: [{k: v for k, v in c.items() if k != "seconds"} for c in cells]  # noqa: E731
+    assert strip(pooled["cells"]) == strip(alone["cells"]) and len(alone["cells"]) == 12
+    assert [(c["setting"], c["impute"], c["seed"]) for c in pooled["cells"]][:4] == [
+        ("complete", "predict", 0), ("complete", "predict", 1), ("complete", "zero", 0), ("complete", "zero", 1)]
+    assert sorted(lines[1]) == sorted(lines[0]) and len(lines[0]) == 2  # one line per (setting, test type)
 
 
 def test_acceptance_checks_name_the_worst_cell():

@@ -132,6 +132,28 @@ def test_mean_fallback_per_presence_pattern(predictable):
     assert not default.model.falls_back["image"] and not default.model.falls_back["text"]
 
 
+
+
+def test_a_remembered_mean_fill_model_is_the_one_a_run_would_train(predictable, monkeypatch):
+    """train's mean_models: a mean-fill run (with the pair head and calibration) leaves its raw model in the memo,
+    and predict / zero runs with the same settings take it instead of training it: the same runs, bit for bit,
+    with one classifier trained per run instead of two."""
+    device = torch.device("cpu")
+    cfg = FitConfig(train_missing_rate=0.0, pair_head="on", **SMALL)
+    alone = {mode: run_cell(predictable, replace(cfg, impute=mode), device) for mode in ("predict", "zero")}
+    nested = []  # the mean-fill fits a run makes inside itself (train calls itself through the module's name)
+    real_train = train_module.train
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: nested.append(a[2].impute) or real_train(*a, **k))
+    memo: dict = {}
+    run_cell(predictable, replace(cfg, impute="mean"), device, memo)
+    assert len(memo) == 1
+    for mode in ("predict", "zero"):
+        shared = run_cell(predictable, replace(cfg, impute=mode), device, memo)
+        assert {k: v for k, v in shared.items() if k != "seconds"} == {k: v for k, v in alone[mode].items()
+                                                                       if k != "seconds"}
+    assert nested == []
+    run_cell(predictable, replace(cfg, impute="zero", seed=1), device, memo)  # another seed: trained, remembered
+    assert nested == ["mean"] and len(memo) == 2
 def test_calibration_divides_each_patterns_logits_by_its_val_temperature(predictable):
     """--calibrate trains the same model and then divides each presence pattern's logits by the temperature with
     the least val loss on the val pairs shown that way: no argmax changes, rows with neither modality keep theirs."""

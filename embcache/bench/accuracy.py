@@ -236,10 +236,11 @@ def linear_probe(data: FeatureSet, test_rate: float, missing_seed: int, device: 
 # ------------------------------------------------------------------------------------------------
 # The grid
 # ------------------------------------------------------------------------------------------------
-def run_cell(data: FeatureSet, cfg: FitConfig, device: torch.device) -> dict:
-    """Train one configuration (no files written) and score it on val and test, every scenario."""
+def run_cell(data: FeatureSet, cfg: FitConfig, device: torch.device, mean_models: dict | None = None) -> dict:
+    """Train one configuration (no files written) and score it on val and test, every scenario. mean_models:
+    `train`'s memo of mean-fill models, shared by the runs of one protocol on `data`."""
     prep = prepare(data, cfg, device)
-    result = train(data, prep, cfg, progress=False)
+    result = train(data, prep, cfg, progress=False, mean_models=mean_models)
     metrics = scenario_metrics(result.model, data, cfg, prep.resolved)
     cell = {"test": metrics["test"], "predictor": metrics["predictor"], "best_epoch": result.best_epoch,
             "seconds": result.seconds}
@@ -266,37 +267,80 @@ def unpack_correct(packed: str, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(bytes.fromhex(packed), dtype=np.uint8))[:n].astype(np.float64)
 
 
+def run_protocol(data: FeatureSet, base: FitConfig, setting: str, test_type: str, seed: int, *, imputes=IMPUTE_MODES,
+                 test_rate: float = 0.7, train_rate: float = 0.7) -> dict[str, dict]:
+    """{impute: `run_cell`} for one training setting, test type and seed. Mean fill runs first: predict and zero
+    runs hold the same mean-fill model (FitConfig.mean_fallback) and take it from `train`'s memo instead of
+    training it again (a third less training, the same runs)."""
+    device = resolve_device(base.device)
+    mean_models: dict = {}
+    cells = {}
+    for impute in sorted(imputes, key=lambda mode: mode != "mean"):
+        cfg = replace(base, impute=impute, seed=seed, test_missing_rate=test_rate, test_missing_type=test_type,
+                      train_missing_type=test_type, train_missing_rate=0.0 if setting == "complete" else train_rate)
+        cells[impute] = run_cell(data, cfg, device, mean_models)
+    return cells
+
+
+_JOB: dict = {}  # a --jobs worker's datasets and settings, set once by `_start_job`
+
+
+def _start_job(threads: int, features: dict, kwargs: dict) -> None:
+    torch.set_num_threads(threads)
+    _JOB.update(features=features, kwargs=kwargs)
+
+
+def _job(setting: str, test_type: str, seed: int) -> tuple:
+    return setting, test_type, seed, run_protocol(_JOB["features"][setting, test_type], setting=setting,
+                                                  test_type=test_type, seed=seed, **_JOB["kwargs"])
+
+
+def run_protocols(features: dict, tasks: list[tuple], jobs: int, **kwargs):
+    """Yield (setting, test type, seed, {impute: cell}) for each task, in order with jobs 1, else as the `jobs`
+    worker processes (spawned, each with this process's torch thread count) finish them. features: (setting, test
+    type) -> the FeatureSet those runs use. A run does not depend on the process it runs in: the same cells."""
+    if jobs <= 1 or len(tasks) <= 1:
+        for setting, test_type, seed in tasks:
+            yield setting, test_type, seed, run_protocol(features[setting, test_type], setting=setting,
+                                                         test_type=test_type, seed=seed, **kwargs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_job, initargs=(torch.get_num_threads(), features, kwargs)) as pool:
+        for future in as_completed([pool.submit(_job, *task) for task in tasks]):
+            yield future.result()
+
+
 def run_dataset(name: str, data: FeatureSet, base: FitConfig, *, seeds: list[int], imputes=IMPUTE_MODES,
                 test_types=MISSING_TYPES, test_rate: float = 0.7, train_rate: float = 0.7,
-                labeled_fraction: float = 1.0, data_for: dict | None = None, log=print) -> dict:
+                labeled_fraction: float = 1.0, data_for: dict | None = None, jobs: int = 1, log=print) -> dict:
     """The grid on one dataset: {name, cells (one per setting, test type, impute mode, seed), probe, summary, ...}.
 
     data_for: (setting, test type) -> the features those runs train and test on instead of `data` (the same rows,
     extracted by encoders tuned under that training protocol: `bench accuracy --dataset --tune-epochs`); the probe
-    and the row counts are `data`'s."""
+    and the row counts are `data`'s. jobs: worker processes training (setting, test type, seed) groups at once."""
     device = resolve_device(base.device)
     data = keep_labels(data, labeled_fraction, base.missing_seed)
     main = MAIN_METRIC[data.task_type]
-    cells = []
     start = time.perf_counter()
-    for setting in SETTINGS:
-        for test_type in test_types:
-            features = data
-            if data_for and (setting, test_type) in data_for:
-                features = keep_labels(data_for[setting, test_type], labeled_fraction, base.missing_seed)
-            for impute in imputes:
-                for seed in seeds:
-                    cfg = replace(base, impute=impute, seed=seed, test_missing_rate=test_rate,
-                                  test_missing_type=test_type, train_missing_type=test_type,
-                                  train_missing_rate=0.0 if setting == "complete" else train_rate)
-                    cell = run_cell(features, cfg, device)
-                    cells.append({"setting": setting, "test_type": test_type, "impute": impute, "seed": seed,
-                                  **cell})
-            scores = {imp: [c["test"][f"missing-{test_type}"][main] for c in cells
-                            if (c["setting"], c["test_type"], c["impute"]) == (setting, test_type, imp)]
+    groups = [(setting, test_type) for setting in SETTINGS for test_type in test_types]
+    features = {g: keep_labels(data_for[g], labeled_fraction, base.missing_seed) if data_for and g in data_for
+                else data for g in groups}
+    done: dict = {}
+    for setting, test_type, seed, cells in run_protocols(
+            features, [(*g, seed) for g in groups for seed in seeds], jobs, base=base, imputes=imputes,
+            test_rate=test_rate, train_rate=train_rate):
+        done[setting, test_type, seed] = cells
+        if all((setting, test_type, s) in done for s in seeds):  # the group's last seed: its line
+            scores = {imp: [done[setting, test_type, s][imp]["test"][f"missing-{test_type}"][main] for s in seeds]
                       for imp in imputes}
             log(f"  {name}: {setting} training, test type {test_type}: "
                 + ", ".join(f"{imp} {_cell(_stats(values))}" for imp, values in scores.items()))
+    cells = [{"setting": setting, "test_type": test_type, "impute": impute, "seed": seed,
+              **done[setting, test_type, seed][impute]}
+             for setting, test_type in groups for impute in imputes for seed in seeds]
     probe = linear_probe(data, test_rate, base.missing_seed, device)
     train = data.splits["train"]
     entry = {"name": name, "task": data.task_type, "metric": main, "classes": len(data.classes),
@@ -627,9 +671,9 @@ def plot_report(report: dict, path: str | Path) -> None:
 def run_bench(stores: list[str], synthetic_names: list[str], base: FitConfig, *, seeds: list[int],
               out: str | Path | None = None, test_rate: float = 0.7, train_rate: float = 0.7,
               test_types=MISSING_TYPES, draws: int | None = None, splits: int = 1, labeled_fraction: float = 1.0,
-              log=print) -> dict:
+              jobs: int = 1, log=print) -> dict:
     """The grid on each store (on `splits` partitions of its rows: `resplit`) and on the first `draws` draws of each
-    synthetic cache (default: all of them)."""
+    synthetic cache (default: all of them); jobs: worker processes (`run_dataset`)."""
     datasets = []
     loaded: dict = {}  # the store last read: a store's splits share one read, one store in memory at a time
 
@@ -652,7 +696,7 @@ def run_bench(stores: list[str], synthetic_names: list[str], base: FitConfig, *,
         label = name if kind is None else f"{name}@{draw}" if kind == "draws" else f"{name}@split{draw}"
         log(f"{label}: training {len(SETTINGS) * len(test_types) * len(IMPUTE_MODES) * len(seeds)} runs")
         entry = run_dataset(label, load(), base, seeds=seeds, test_rate=test_rate, train_rate=train_rate,
-                            test_types=test_types, labeled_fraction=labeled_fraction, log=log)
+                            test_types=test_types, labeled_fraction=labeled_fraction, jobs=jobs, log=log)
         if kind is not None:
             entry = {**entry, "group": name, "draw": draw}
         if kind == "draws":

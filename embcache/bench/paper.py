@@ -214,8 +214,9 @@ def run_paper(sources: list[tuple[str, str]], base: FitConfig, *, seeds: list[in
               cache: str | Path = DEFAULT_CACHE, out: str | Path | None = None, test_rate: float = 0.7,
               train_rate: float = 0.7, batch_size: int | None = None, workers: int = 2,
               overwrite: bool = False, progress: bool = True, imputes=IMPUTE_MODES, test_types=MISSING_TYPES,
-              tune_epochs: int = 0, log=print) -> dict:
-    """Extract every (dataset, root) into `cache`, run the accuracy grid on each store, write the table.
+              tune_epochs: int = 0, jobs: int = 1, log=print) -> dict:
+    """Extract every (dataset, root) into `cache`, run the accuracy grid on each store (`jobs` worker processes:
+    `run_dataset`), write the table.
 
     One store per dataset and encoder settings (`cache_path`); a finished store with the same fingerprint is
     reused, an interrupted one resumes. The grid is `embcache.bench.accuracy.run_dataset`'s. The table: rows =
@@ -277,7 +278,7 @@ def run_paper(sources: list[tuple[str, str]], base: FitConfig, *, seeds: list[in
         log(f"{label}: {data.task_type}, training {n_runs} runs")
         try:
             grid = run_dataset(label, data, base, seeds=seeds, imputes=imputes, test_types=test_types,
-                               test_rate=test_rate, train_rate=train_rate, data_for=data_for, log=log)
+                               test_rate=test_rate, train_rate=train_rate, data_for=data_for, jobs=jobs, log=log)
         except FitError as exc:
             raise FitError(f"{label}: {exc}") from exc
         datasets.append({"name": name, "label": label, "title": TITLES.get(name, name) if label == name else label,

@@ -77,6 +77,13 @@ def test_jobs_train_the_same_runs_in_worker_processes():
     assert sorted(lines[1]) == sorted(lines[0]) and len(lines[0]) == 2  # one line per (setting, test type)
 
 
+def test_a_run_that_fails_in_a_job_stops_the_grid_with_its_error():
+    data = dataset_from_features(make_features(**TINY, seed=5), "synthetic:jobs")
+    base = FitConfig(epochs=2, predictor="prompts", device="cpu")  # a store without cached hidden states
+    with pytest.raises(FitError, match="hidden"):
+        run_dataset("a", data, base, seeds=[0, 1], test_types=["both"], jobs=2, log=lambda line: None)
+
+
 def test_acceptance_checks_name_the_worst_cell():
     def cell(missing, std=0.0, full=None, r2=None):
         return {"missing": {"mean": missing, "std": std}, "full": {"mean": full}, "r2": None if r2 is None else {"mean": r2}}

@@ -307,10 +307,13 @@ def run_protocols(features: dict, tasks: list[tuple], jobs: int, **kwargs):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start_job, initargs=(torch.get_num_threads(), features, kwargs)) as pool:
+    pool = ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_job, initargs=(torch.get_num_threads(), features, kwargs))
+    try:
         for future in as_completed([pool.submit(_job, *task) for task in tasks]):
             yield future.result()
+    finally:  # on a failed run: stop at once, not after the queued ones
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_dataset(name: str, data: FeatureSet, base: FitConfig, *, seeds: list[int], imputes=IMPUTE_MODES,

@@ -107,8 +107,8 @@ bench-accuracy: bench-stores
 		$(BENCH)/accuracy-labels-0.1/accuracy.json
 
 # The same grid on five deals of the rows of icons and openmoji into train / val / test (`--splits 5`; BENCHMARKS.md,
-# stop 29): one test set of a few hundred rows is a sample, the five average its luck out. 23 min per set on one
-# core.
+# stop 29): one test set of a few hundred rows is a sample, the five average its luck out. About 14 min per set with
+# two jobs on the 2-core machine (stop 32).
 .PHONY: bench-accuracy-splits
 bench-accuracy-splits: bench-stores
 	$(OFFLINE) $(EMBCACHE) bench accuracy --store $(BENCH)/icons.zarr --store $(BENCH)/openmoji.zarr --splits 5 \

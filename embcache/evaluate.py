@@ -157,6 +157,7 @@ def scenario_metrics(model: FusionModel, data: FeatureSet, cfg: FitConfig, resol
         "missing": {"seed": cfg.missing_seed, "test_rate": rate,
                     "train": {"rate": cfg.train_missing_rate, "type": cfg.train_missing_type}},
         "selection": resolved.get("selection", {}),
+        "predictor_training": resolved.get("predictor_training"),  # staged: val R2, shrink factors per direction
         "mean_fallback": resolved.get("mean_fallback"),  # --mean-fallback: where the mean-fill model answers
         "pair_head": resolved.get("pair_head"),  # --pair-head: whether rows with both get the pair regression
         "calibration": resolved.get("calibration"),  # --calibrate: the temperature per presence pattern

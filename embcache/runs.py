@@ -186,6 +186,20 @@ def _floats(tree):
     return None if tree is None else float(tree)
 
 
+def predictor_line(staged: dict | None) -> str | None:
+    """What the staged predictors became (FitConfig.shrink): how far their predictions were scaled towards the
+    train mean, and whether that left the prediction at the mean (factor 0 both ways: the run is mean fill's)."""
+    if not staged or not staged.get("shrink"):
+        return None
+    shrink = staged["shrink"]
+    where = f"val R2 {staged['predictor_val_r2']:.3f} on {staged['val_pairs']} val pairs"
+    if not any(shrink.values()):
+        return (f"predictors: no better than the train mean ({where}): predictions shrunk to it, so the stand-ins "
+                "are mean fill's (expect --impute mean's result; docs/training.md)")
+    return (f"predictors: {where}; predictions scaled towards the train mean by "
+            + ", ".join(f"{factor:.2f} ({name.replace('_to_', ' -> ')})" for name, factor in shrink.items()))
+
+
 def format_table(metrics: dict) -> str:
     """A plain-text table: one row per scenario, val main metric and every test metric."""
     main, std = metrics["metric"], metrics.get("std")
@@ -223,6 +237,8 @@ def format_table(metrics: dict) -> str:
         lines.append("calibration, temperature per pattern (val loss before -> after): " + ", ".join(
             f"{'both' if p == 'both' else p + ' only'} {q['temperature']:.2f} ({q['val_loss'][0]:.3f} -> "
             f"{q['val_loss'][1]:.3f})" for p, q in calibration.items()))
+    if line := predictor_line(metrics.get("predictor_training")):
+        lines.append(line)
     for name, q in metrics["predictor"].items() if metrics.get("impute") == "predict" else ():
         if q["r2"] is not None:
             lines.append(f"predictor {name}: cosine {q['cosine']:.4f}, r2 {q['r2']:.4f} (test rows with both)")

@@ -99,6 +99,14 @@ def test_run_folder_layout_and_metrics_keys(runs):
     assert temperature.tolist() == pytest.approx([calibration[p]["temperature"] for p in ("image", "text", "both")])
     assert all(q["val_loss"][1] <= q["val_loss"][0] for q in calibration.values())
     assert "calibration, temperature per pattern (val loss before -> after): image only" in format_table(metrics)
+    staged = metrics["predictor_training"]  # what the predictors became: how far they were shrunk to the mean
+    assert staged == config["resolved"]["predictor_training"] and set(staged["shrink"]) == set(metrics["predictor"])
+    shrink = ", ".join(f"{f:.2f} ({name.replace('_to_', ' -> ')})" for name, f in staged["shrink"].items())
+    assert f"on {staged['val_pairs']} val pairs; predictions scaled towards the train mean by {shrink}" in (
+        format_table(metrics)) and all(0 < f <= 1 for f in staged["shrink"].values())
+    useless = {**metrics, "predictor_training": {**staged, "shrink": dict.fromkeys(staged["shrink"], 0.0)}}
+    assert "predictors: no better than the train mean" in format_table(useless)
+    assert "predictors:" not in format_table({**metrics, "predictor_training": None})  # zero / mean fill, joint
 
 
 def ridge_r2(store, src, dst, train_rate, lam=1.0):

@@ -188,14 +188,15 @@ def _floats(tree):
 
 def predictor_line(staged: dict | None) -> str | None:
     """What the staged predictors became (FitConfig.shrink): how far their predictions were scaled towards the
-    train mean, and whether that left the prediction at the mean (factor 0 both ways: the run is mean fill's)."""
+    train mean, and whether that left the prediction at the mean (factor 0 both ways: the classifier then trains on
+    exactly what --impute mean gives it, so the run is that run, tests/test_fusion.py)."""
     if not staged or not staged.get("shrink"):
         return None
     shrink = staged["shrink"]
     where = f"val R2 {staged['predictor_val_r2']:.3f} on {staged['val_pairs']} val pairs"
     if not any(shrink.values()):
-        return (f"predictors: no better than the train mean ({where}): predictions shrunk to it, so the stand-ins "
-                "are mean fill's (expect --impute mean's result; docs/training.md)")
+        return (f"predictors: no better than the train mean ({where}): predictions shrunk to it, so this run's "
+                "model is --impute mean's (docs/training.md)")
     return (f"predictors: {where}; predictions scaled towards the train mean by "
             + ", ".join(f"{factor:.2f} ({name.replace('_to_', ' -> ')})" for name, factor in shrink.items()))
 

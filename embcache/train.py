@@ -689,7 +689,8 @@ def remember_mean_model(mean_models: dict, data: FeatureSet, cfg: FitConfig, mod
     """Keep a copy of a mean-fill run's selected model, as the mean-fill model inside a predict / zero run with the
     same settings holds it (`fallback_config`: no pair head, no temperatures), for `train`'s mean_models."""
     mean_cfg = fallback_config(cfg)
-    raw = FusionModel(data.dims, data.n_outputs, mean_cfg).to(next(model.parameters()).device)
+    with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: leave the random stream as it was
+        raw = FusionModel(data.dims, data.n_outputs, mean_cfg).to(next(model.parameters()).device)
     weights = model.state_dict()
     extra = {k.split(".")[0] for k in set(weights) - set(raw.state_dict())}
     if not extra <= {"pair", "pair_on", "temperature"}:  # something the fallback's shape cannot hold: train it anew

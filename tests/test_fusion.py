@@ -145,8 +145,12 @@ def test_a_remembered_mean_fill_model_is_the_one_a_run_would_train(predictable, 
     real_train = train_module.train
     monkeypatch.setattr(train_module, "train", lambda *a, **k: nested.append(a[2].impute) or real_train(*a, **k))
     memo: dict = {}
+    torch.manual_seed(7)
+    run_cell(predictable, replace(cfg, impute="mean"), device)
+    after_plain = torch.get_rng_state()
+    torch.manual_seed(7)
     run_cell(predictable, replace(cfg, impute="mean"), device, memo)
-    assert len(memo) == 1
+    assert len(memo) == 1 and torch.equal(torch.get_rng_state(), after_plain)  # remembering draws nothing
     for mode in ("predict", "zero"):
         shared = run_cell(predictable, replace(cfg, impute=mode), device, memo)
         assert {k: v for k, v in shared.items() if k != "seconds"} == {k: v for k, v in alone[mode].items()

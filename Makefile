@@ -115,8 +115,9 @@ bench-accuracy-splits: bench-stores
 		--test-types both --seeds 0,1,2 --threads 1 --jobs 2 --out $(BENCH)/accuracy-splits
 
 # Predict's margin and the Bayes headroom against cross-modal R2 and training rows, on synthetic caches
-# (BENCHMARKS.md, stop 28): 43 min of runs, 24 min on 2 cores. Resumes from $(BENCH)/sweep/sweep.json. The real
-# sets of `make bench-accuracy`'s report, when there is one, are drawn at their own R2.
+# (BENCHMARKS.md, stop 28): 43 min of runs, 24 min on 2 cores (before stop 32 trained the mean-fill model once per
+# seed). Resumes from $(BENCH)/sweep/sweep.json. The real sets of `make bench-accuracy`'s report, when there is
+# one, are drawn at their own R2.
 .PHONY: bench-margin-sweep
 bench-margin-sweep: $(STAMP)
 	$(OFFLINE) PYTHONSAFEPATH=1 $(PY) scripts/margin_sweep.py $(BENCH)/sweep --workers 2 \

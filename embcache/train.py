@@ -293,17 +293,17 @@ def distill_loss(net, x: dict[str, torch.Tensor], has: dict[str, torch.Tensor], 
 
 
 def make_model(data: FeatureSet, prep: Prepared, cfg: FitConfig, report: dict | None = None,
-               fallback: FusionModel | None = None):
+               fallback: dict[str, torch.Tensor] | None = None):
     """(model, its compiled version or itself, optimizer, cosine learning-rate schedule).
 
     Staged predictor training runs here, before the model is wrapped: `report` receives its summary.
-    fallback: the trained mean-fill model (FitConfig.mean_fallback)
+    fallback: the trained mean-fill model's weights (FitConfig.mean_fallback; `mean_fill_record`)
     """
     torch.manual_seed(cfg.seed)
     model = FusionModel(data.dims, data.n_outputs, cfg).to(prep.device)
     model.set_normalization(prep.mean, prep.std)
     if fallback is not None:
-        model.fallback.load_state_dict(fallback.state_dict())
+        model.fallback.load_state_dict(fallback)
         # The head's L2 and the epoch are chosen with no pattern falling back, on every val row of the selection
         # scenario (`choose_fallback` decides afterwards); chosen on the routed scores they did worse
         # (docs/training.md "Mean fallback").
@@ -617,8 +617,9 @@ def train(data: FeatureSet, prep: Prepared, cfg: FitConfig, progress: bool = Tru
 
     mean_models: a memo shared by runs of one protocol on the same data (`bench accuracy` trains every impute
     mode per seed): the raw mean-fill model a run trains, or its own model if it is `--impute mean` (before the
-    pair head and calibration, which change no weight), is kept under its `fallback_config`, and a later
-    predict / zero run with the same settings takes it instead of training it again: the same model bit for bit.
+    pair head and calibration, which change no weight), is kept under its `fallback_config` (`mean_fill_record`),
+    and a later predict / zero run with the same settings takes it instead of training it again: the same model
+    bit for bit.
 
     Several processes: each runs its share of the steps (gradients averaged by DDP); only rank 0 scores
     val and keeps the best epoch, and the epoch losses are averaged over all processes.
@@ -627,12 +628,12 @@ def train(data: FeatureSet, prep: Prepared, cfg: FitConfig, progress: bool = Tru
     fallback, fallback_report = None, None
     if cfg.impute != "mean" and cfg.mean_fallback != "off":  # mean fill's model first, same seed and batches
         mean_cfg = fallback_config(cfg)
-        first = None if mean_models is None else mean_models.get(repr(mean_cfg))
-        if first is None:
+        record = None if mean_models is None else mean_models.get(repr(mean_cfg))
+        if record is None:
             first = train(data, prepared_for(prep, data, mean_cfg), mean_cfg, progress, mean_models)
-        fallback = first.model
-        fallback_report = {"model": "impute mean", "best_epoch": first.best_epoch, "val": first.best_value,
-                           "seconds": first.seconds}
+            record = mean_fill_record(first.model, first.best_epoch, first.best_value, first.seconds)
+        fallback = record["weights"]
+        fallback_report = {"model": "impute mean", **{k: v for k, v in record.items() if k != "weights"}}
     model, net, optimizer, schedule = make_model(data, prep, cfg, staged, fallback)
     main = MAIN_METRIC[data.task_type]
     generators: dict = {}
@@ -674,7 +675,8 @@ def train(data: FeatureSet, prep: Prepared, cfg: FitConfig, progress: bool = Tru
     if best_state is not None:
         model.load_state_dict(best_state)
     if mean_models is not None and cfg.impute == "mean" and lead:
-        remember_mean_model(mean_models, data, cfg, model, best_epoch, best_value, time.perf_counter() - start)
+        mean_models[repr(fallback_config(cfg))] = mean_fill_record(model, best_epoch, best_value,
+                                                                   time.perf_counter() - start)
     if fallback is not None and lead:
         fallback_report.update(choose_fallback(model, prep, cfg, data.task_type))
     pair_head = fit_pair_head(model, prep, cfg, data.task_type) if cfg.pair_head != "off" and lead else None
@@ -684,19 +686,13 @@ def train(data: FeatureSet, prep: Prepared, cfg: FitConfig, progress: bool = Tru
                        staged.get("linear_head"), fallback_report, calibration, pair_head)
 
 
-def remember_mean_model(mean_models: dict, data: FeatureSet, cfg: FitConfig, model: FusionModel, best_epoch: int,
-                        best_value: float | None, seconds: float) -> None:
-    """Keep a copy of a mean-fill run's selected model, as the mean-fill model inside a predict / zero run with the
-    same settings holds it (`fallback_config`: no pair head, no temperatures), for `train`'s mean_models."""
-    mean_cfg = fallback_config(cfg)
-    with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: leave the random stream as it was
-        raw = FusionModel(data.dims, data.n_outputs, mean_cfg).to(next(model.parameters()).device)
-    weights = model.state_dict()
-    extra = {k.split(".")[0] for k in set(weights) - set(raw.state_dict())}
-    if not extra <= {"pair", "pair_on", "temperature"}:  # something the fallback's shape cannot hold: train it anew
-        return
-    raw.load_state_dict({k: weights[k].clone() for k in raw.state_dict()})  # a key it lacks is an error
-    mean_models[repr(mean_cfg)] = TrainResult(raw, [], best_epoch, best_value, seconds)
+def mean_fill_record(model: FusionModel, best_epoch: int, best_value: float | None, seconds: float) -> dict:
+    """A mean-fill run's selected model as the mean-fill model inside a predict / zero run holds it: its weights
+    without the pair head and the temperatures (`fallback_config` has neither; they are fitted after selection and
+    change no other weight), with its best epoch, val score and seconds."""
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()
+               if k.split(".")[0] not in ("pair", "pair_on", "temperature")}
+    return {"weights": weights, "best_epoch": best_epoch, "val": best_value, "seconds": seconds}
 
 
 def choose_fallback(model: FusionModel, prep: Prepared, cfg: FitConfig, task_type: str) -> dict:

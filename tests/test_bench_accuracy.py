@@ -12,7 +12,7 @@ from embcache.bench import accuracy as bench_accuracy
 from embcache.bench.accuracy import (_resamples, acceptance, format_acceptance, keep_labels, linear_probe,
                                      pack_correct, paired_intervals, pooled_margins, resplit, run_dataset,
                                      synthetic_bayes, unpack_correct)
-from embcache.bench.synthetic import bayes_accuracy, make_features, make_store
+from embcache.bench.synthetic import bayes_accuracy, label_shared_share, make_features, make_store
 from embcache.cli.bench_accuracy import accuracy_command
 from embcache.config import FitConfig, FitError
 from embcache.data import dataset_from_features, load_dataset
@@ -249,8 +249,27 @@ def test_synthetic_draws_are_summarised_over_draws(tmp_path, monkeypatch):
                    for q in per_draw]
         assert cell["predict"]["margin"]["mean"] == pytest.approx(sum(margins) / 2)
         assert cell["predict"]["margin"]["std"] == pytest.approx(abs(margins[0] - margins[1]) / 2 ** 0.5)
+    # each draw's share of the label on the shared latent, and its mean over the draws
+    shares = [label_shared_share(make_features(**TINY, seed=draw)) for draw in (1, 2)]
+    assert [d["label_shared"] for d in report["datasets"]] == pytest.approx(shares)
+    assert over["label_shared"]["mean"] == pytest.approx(sum(shares) / 2)
     table = (tmp_path / "out" / "accuracy.txt").read_text()
     assert "synthetic-predictable over 2 draws" in table and "mean ± std over draws [1, 2]" in table
+    assert f"label's share on the shared latent {shares[0]:.2f}" in table
+
+
+def test_the_label_share_on_the_shared_latent_is_the_score_variance_there():
+    features = make_features(**TINY, seed=5)
+    share = label_shared_share(features)
+    assert 0.0 < share < 1.0
+    # the same number by hand: TINY's first shared_dim latent dimensions are the shared ones
+    score = features.meta["latent"]["score"]
+    centred = score - score.mean(axis=1, keepdims=True)
+    assert share == pytest.approx((centred[:TINY["shared_dim"]] ** 2).sum() / (centred ** 2).sum())
+    # no private dimensions: all of the label is shared; the score moved off the shared dimensions: none of it
+    assert label_shared_share(make_features(**{**TINY, "private_dim": 0}, seed=5)) == pytest.approx(1.0)
+    features.meta["latent"]["score"][:TINY["shared_dim"]] = 0.0
+    assert label_shared_share(features) == 0.0
 
 
 def test_a_resplit_deals_the_same_rows_into_splits_of_the_same_sizes(tmp_path):

@@ -42,6 +42,7 @@ from embcache.store import SPLIT_CODES
 from embcache.train import fit_logistic, prepare, train
 
 # 2: synthetic caches run per draw ("name@draw"), plus "over_draws"; 3: each run's right test rows, "intervals"
+# (and, additive: a synthetic entry's "label_shared", `synthetic.label_shared_share`)
 SCHEMA = "embcache.bench-accuracy/3"
 SETTINGS = ("complete", "missing")
 PROBE_L2 = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -62,14 +63,16 @@ BOOTSTRAP_RESAMPLES = 2000
 # Synthetic caches (embcache/bench/synthetic.py), small enough for CI-sized runs. "predictable": the modalities share
 # most of their latent, so the cross-modal R2 is high (~0.6); "weak": they share little (~0.1). Each is run on
 # several draws (data seeds) of its config: the spread between draws is larger than the spread between training
-# seeds (BENCHMARKS.md), so one draw cannot tell a change from luck.
+# seeds (BENCHMARKS.md), so one draw cannot tell a change from luck. Twelve since stop 33: the first four, on
+# which the trainer's defaults were chosen, gave predict twice the margin the eight after them did.
 SYNTHETIC = {
     "synthetic-predictable": dict(n_train=1500, n_val=400, n_test=1000, d_image=64, d_text=48, n_classes=8,
                                   task_type="multiclass", shared_dim=12, private_dim=2, noise=0.5),
     "synthetic-weak": dict(n_train=1500, n_val=400, n_test=1000, d_image=64, d_text=48, n_classes=8,
                            task_type="multiclass", shared_dim=3, private_dim=12, noise=0.5),
 }
-SYNTHETIC_DRAWS = {"synthetic-predictable": (11, 21, 22, 23), "synthetic-weak": (12, 24, 25, 26)}
+SYNTHETIC_DRAWS = {"synthetic-predictable": (11, 21, 22, 23, 31, 32, 33, 34, 35, 36, 37, 38),
+                   "synthetic-weak": (12, 24, 25, 26, 41, 42, 43, 44, 45, 46, 47, 48)}
 
 
 def _check_synthetic(name: str) -> None:
@@ -480,6 +483,8 @@ def over_draws(name: str, draws: list[dict], kind: str = "draws") -> dict:
             "name": name, "over": kind, "draws": [d["draw"] for d in draws], "summary": summary,
             "bayes": ({scenario: float(np.mean([d["bayes"][scenario] for d in draws])) for scenario in first["bayes"]}
                       if all(d.get("bayes") for d in draws) else None),
+            **({"label_shared": _stats([d["label_shared"] for d in draws])} if all("label_shared" in d for d in draws)
+               else {}),
             "intervals": paired_intervals([_resamples(d, seed=d["draw"]) for d in draws])}
 
 
@@ -561,6 +566,15 @@ def format_acceptance(checks: dict) -> list[str]:
     return lines
 
 
+def _label_shared(share) -> str:
+    """A synthetic cache's share of the label on the shared latent (`synthetic.label_shared_share`), for the
+    table's header line: a number per draw, mean ± std over draws."""
+    if share is None:
+        return ""
+    value = f"{share:.2f}" if isinstance(share, float) else f"{share['mean']:.2f} ± {share['std']:.2f}"
+    return f"; label's share on the shared latent {value}"
+
+
 def _interval(bounds) -> str:
     return f"[{bounds[0]:+.3f}, {bounds[1]:+.3f}]"
 
@@ -586,7 +600,7 @@ def format_report(report: dict) -> list[str]:
                      f"{ds['rows']['train']}/{ds['rows']['val']}/{ds['rows']['test']}"
                      + (f" (labels kept on {ds['labeled_fraction']:g} of the train rows)"
                         if ds.get("labeled_fraction", 1.0) < 1 else "") + f", test {main} at missing rate "
-                     f"{ds['test_rate']}, {spread}")
+                     f"{ds['test_rate']}, {spread}" + _label_shared(ds.get("label_shared")))
         header = ["training", "test scenario"] + imputes + ["predict - best baseline [95 % interval]", "predictor r2"]
         rows = []
         for setting in SETTINGS:
@@ -704,6 +718,7 @@ def run_bench(stores: list[str], synthetic_names: list[str], base: FitConfig, *,
             entry = {**entry, "group": name, "draw": draw}
         if kind == "draws":
             entry["bayes"] = synthetic_bayes(name, draw, test_rate, test_types, base.missing_seed)
+            entry["label_shared"] = synthetic.label_shared_share(synthetic.make_features(**SYNTHETIC[name], seed=draw))
         datasets.append(entry)
     groups = {(name, kind): None for name, kind, _, _ in sources if kind is not None}  # in order, once each
     over = [over_draws(f"{name} over {len(group)} {kind}", group, kind) | {"group": name} for name, kind in groups

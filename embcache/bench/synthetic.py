@@ -105,6 +105,18 @@ def make_features(*, n_train: int = 2000, n_val: int = 500, n_test: int = 1000,
     )
 
 
+def label_shared_share(features: CachedFeatures) -> float:
+    """How much of the label lives in what the two modalities share: of the class scores' variance between classes
+    (`make_features`' score map, centred over classes; the latent is standard normal), the share on the latent
+    dimensions both modalities see. A prediction of one modality from the other carries that part and none of the
+    other's private dimensions, so predict's margin follows it across draws of one config (BENCHMARKS.md, stop 33)."""
+    latent = features.meta["latent"]
+    seen = {m: np.abs(latent["maps"][m]).sum(axis=1) > 0 for m in ("image", "text")}
+    score = latent["score"] - latent["score"].mean(axis=1, keepdims=True)
+    per_dim = (score ** 2).sum(axis=1)
+    return float(per_dim[seen["image"] & seen["text"]].sum() / per_dim.sum())
+
+
 def bayes_accuracy(features: CachedFeatures, rows: np.ndarray, show: dict[str, np.ndarray], *,
                    samples: int = 2000, seed: int = 0) -> float:
     """The Bayes-optimal accuracy of a multiclass synthetic cache (`make_features`) on `rows` (indices), each row

@@ -85,8 +85,8 @@ openmoji: $(STAMP)
 # openmoji, built by `make tabler` / `make openmoji`), a predictable synthetic cache, and tabler and openmoji with
 # labels on 10 % of their training rows (BENCHMARKS.md "Accuracy"); ends with the margins figure, the real sets'
 # margins pooled over their test rows last. The features are extracted once into $(BENCH)/<set>.zarr. By the
-# reports' own timing, one core each: icons 5 min, synthetic 4 min, tabler 14 min, openmoji 4 min; with 10 %
-# labels (distillation on) tabler 9 min, openmoji 4 min.
+# reports' own timing, one core each: icons 5 min, synthetic 4 min (four draws; its twelve since stop 33 take 7 min
+# with two jobs), tabler 14 min, openmoji 4 min; with 10 % labels (distillation on) tabler 9 min, openmoji 4 min.
 .PHONY: bench-accuracy bench-stores
 bench-stores: $(STAMP)
 	test -d $(BENCH)/icons.zarr || $(OFFLINE) $(EMBCACHE) extract --dataset manifest --root data/icons/manifest.jsonl \

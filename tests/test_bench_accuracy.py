@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from embcache.bench import accuracy as bench_accuracy
 from embcache.bench.accuracy import (_resamples, acceptance, format_acceptance, keep_labels, linear_probe,
                                      pack_correct, paired_intervals, pooled_margins, resplit, run_dataset,
-                                     synthetic_bayes, unpack_correct)
+                                     synthetic_facts, unpack_correct)
 from embcache.bench.synthetic import bayes_accuracy, label_shared_share, make_features, make_store
 from embcache.cli.bench_accuracy import accuracy_command
 from embcache.config import FitConfig, FitError
@@ -203,11 +203,11 @@ def test_the_bayes_ceiling_is_what_a_logistic_regression_on_many_rows_approaches
 
 def test_a_synthetic_cache_reports_its_bayes_ceiling(monkeypatch):
     monkeypatch.setitem(bench_accuracy.SYNTHETIC, "synthetic-predictable", TINY)
-    bayes = synthetic_bayes("synthetic-predictable", 11, 0.7, ("both", "image"), 0)
+    bayes = synthetic_facts("synthetic-predictable", 11, 0.7, ("both", "image"), 0)["bayes"]
     assert set(bayes) == {"full", "missing-both", "missing-image"}
     assert bayes["full"] > bayes["missing-both"] > 1 / TINY["n_classes"]
     monkeypatch.setitem(bench_accuracy.SYNTHETIC, "synthetic-predictable", {**TINY, "task_type": "multilabel"})
-    assert synthetic_bayes("synthetic-predictable", 11, 0.7, ("both",), 0) is None
+    assert synthetic_facts("synthetic-predictable", 11, 0.7, ("both",), 0)["bayes"] is None
 
 
 def test_bad_test_types_are_refused():

@@ -42,7 +42,7 @@ from embcache.store import SPLIT_CODES
 from embcache.train import fit_logistic, prepare, train
 
 # 2: synthetic caches run per draw ("name@draw"), plus "over_draws"; 3: each run's right test rows, "intervals"
-# (and, additive: a synthetic entry's "label_shared", `synthetic.label_shared_share`)
+# (and, additive: a synthetic entry's "label_shared", `synthetic_facts`)
 SCHEMA = "embcache.bench-accuracy/3"
 SETTINGS = ("complete", "missing")
 PROBE_L2 = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -86,17 +86,21 @@ def synthetic_dataset(name: str, draw: int) -> FeatureSet:
     return dataset_from_features(synthetic.make_features(**SYNTHETIC[name], seed=draw), f"synthetic:{name}@{draw}")
 
 
-def synthetic_bayes(name: str, draw: int, test_rate: float, test_types, missing_seed: int) -> dict | None:
-    """{scenario: Bayes-optimal accuracy} on the test rows of draw `draw` of the synthetic cache `name`, under
-    `full` and each test type's scenario (`synthetic.bayes_accuracy`); None unless the cache is multiclass."""
+def synthetic_facts(name: str, draw: int, test_rate: float, test_types, missing_seed: int) -> dict:
+    """What the generator of draw `draw` of the synthetic cache `name` knows and no classifier can: "bayes",
+    {scenario: Bayes-optimal accuracy} on its test rows under `full` and each test type's scenario
+    (`synthetic.bayes_accuracy`; None unless the cache is multiclass), and "label_shared", the label's share on
+    the latent both modalities see (`synthetic.label_shared_share`)."""
     features = synthetic.make_features(**SYNTHETIC[name], seed=draw)
-    if features.task_type != "multiclass":
-        return None
-    test = np.flatnonzero(features.split == SPLIT_CODES["test"])
-    present = {m: features.present[m][test] for m in MODALITIES}
-    return {scenario: synthetic.bayes_accuracy(
-                features, test, scenario_present(features.ids[test], present, scenario, test_rate, missing_seed))
-            for scenario in ["full"] + [f"missing-{t}" for t in test_types]}
+    facts = {"bayes": None, "label_shared": synthetic.label_shared_share(features)}
+    if features.task_type == "multiclass":
+        test = np.flatnonzero(features.split == SPLIT_CODES["test"])
+        present = {m: features.present[m][test] for m in MODALITIES}
+        facts["bayes"] = {scenario: synthetic.bayes_accuracy(
+                              features, test, scenario_present(features.ids[test], present, scenario, test_rate,
+                                                               missing_seed))
+                          for scenario in ["full"] + [f"missing-{t}" for t in test_types]}
+    return facts
 
 
 def keep_labels(data: FeatureSet, fraction: float, seed: int) -> FeatureSet:
@@ -717,8 +721,7 @@ def run_bench(stores: list[str], synthetic_names: list[str], base: FitConfig, *,
         if kind is not None:
             entry = {**entry, "group": name, "draw": draw}
         if kind == "draws":
-            entry["bayes"] = synthetic_bayes(name, draw, test_rate, test_types, base.missing_seed)
-            entry["label_shared"] = synthetic.label_shared_share(synthetic.make_features(**SYNTHETIC[name], seed=draw))
+            entry.update(synthetic_facts(name, draw, test_rate, test_types, base.missing_seed))
         datasets.append(entry)
     groups = {(name, kind): None for name, kind, _, _ in sources if kind is not None}  # in order, once each
     over = [over_draws(f"{name} over {len(group)} {kind}", group, kind) | {"group": name} for name, kind in groups
